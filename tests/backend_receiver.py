@@ -1,0 +1,116 @@
+"""A stand-in for the platform backend's internal training routes, run as its own process.
+
+It implements the contract's callback routes under any base path, checks the
+X-Internal-Auth header, and appends every request it receives to a JSON-lines file.
+Faults are options, so tests can make it flaky, slow, route-less or cancelling:
+
+    python -m tests.backend_receiver --record /tmp/requests.jsonl --token secret \
+        [--fail-rate 0.3] [--hang-rate 0.1] [--delay 2] [--missing-route validation-results] \
+        [--cancel-after-epoch 1] [--seed 0]
+
+It prints `PORT <n>` on its first line of output once it listens on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+ROUTES = {("PATCH", "status"), ("POST", "validation-results"), ("POST", "metrics"), ("POST", "logs"), ("GET", "health")}
+
+
+def make_handler(args: argparse.Namespace):
+    lock = threading.Lock()
+    rng = random.Random(args.seed)
+    state = {"epochs_seen": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a):  # keep the test output quiet
+            pass
+
+        def _handle(self, method: str) -> None:
+            length = int(self.headers.get("Content-Length") or 0)
+            raw = self.rfile.read(length) if length else b""
+            route = self.path.rstrip("/").rsplit("/", 1)[-1]
+            with lock:
+                roll = rng.random()
+            try:
+                body = json.loads(raw) if raw else None
+            except json.JSONDecodeError:
+                body = {"_invalid_json": raw.decode("utf-8", "replace")}
+            if (method, route) not in ROUTES or route in args.missing_route:
+                code, answer = 404, {"detail": "Not Found"}
+            elif args.token and self.headers.get("X-Internal-Auth") != args.token:
+                code, answer = 403, {"detail": "bad internal auth"}
+            elif route != "health" and roll < args.hang_rate:
+                self._record(method, route, body, "hang")
+                time.sleep(args.hang_seconds)  # the client times out; nothing was stored
+                return
+            elif route != "health" and roll < args.hang_rate + args.fail_rate:
+                code, answer = 500, {"detail": "injected failure"}
+            else:
+                if route == "validation-results":
+                    with lock:
+                        state["epochs_seen"] = max(state["epochs_seen"], int(body.get("epoch", 0)))
+                cancelled = args.cancel_after_epoch and state["epochs_seen"] >= args.cancel_after_epoch
+                code, answer = 200, ({"job_status": "cancelled" if cancelled else "running"} if route == "health" else {"ok": True})
+                if args.delay:
+                    time.sleep(args.delay)
+            self._record(method, route, body, code)
+            data = json.dumps(answer).encode()
+            self.send_response(code)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _record(self, method: str, route: str, body, outcome) -> None:
+            entry = {"time": time.time(), "method": method, "path": self.path, "route": route,
+                     "auth": self.headers.get("X-Internal-Auth"), "body": body, "outcome": outcome}
+            with lock, open(args.record, "a", encoding="utf-8") as f:
+                f.write(json.dumps(entry) + "\n")
+
+        def do_GET(self):
+            self._handle("GET")
+
+        def do_POST(self):
+            self._handle("POST")
+
+        def do_PATCH(self):
+            self._handle("PATCH")
+
+    return Handler
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--record", required=True)
+    parser.add_argument("--token", default="")
+    parser.add_argument("--fail-rate", type=float, default=0.0, help="answer 500 to this share of requests")
+    parser.add_argument("--hang-rate", type=float, default=0.0, help="never answer this share of requests")
+    parser.add_argument("--hang-seconds", type=float, default=30.0)
+    parser.add_argument("--delay", type=float, default=0.0, help="answer every request after this many seconds")
+    parser.add_argument("--missing-route", action="append", default=[], help="answer 404 on this route")
+    parser.add_argument("--cancel-after-epoch", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args))
+    server.daemon_threads = True
+    print(f"PORT {server.server_address[1]}", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,159 @@
+"""End to end: `python train.py` as the backend runs it, against real S3, MLflow and backend servers.
+
+One detection job (from scratch, 3 epochs, 64-pixel images) runs once for this module;
+each test below checks one promise of the contract about that job.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import uuid
+
+import pytest
+import torch
+
+from tests.conftest import FAST_TRAINING, SECRETS, Receiver, run_entry, storage_env
+
+EPOCHS = 3
+
+
+@pytest.fixture(scope="module")
+def job(s3_server, s3, mlflow_server, dataset_zip, tmp_path_factory):
+    folder = tmp_path_factory.mktemp("job")
+    bucket = f"e2e-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(dataset_zip("detect", top="shapes")), bucket, "datasets/ds-1.zip")
+    receiver = Receiver(folder)
+    job_id = f"e2e{uuid.uuid4().hex[:6]}"
+    experiment = f"project-{job_id}"
+    env = {
+        **storage_env(s3_server, bucket), **FAST_TRAINING,
+        "JOB_ID": job_id, "PROJECT_ID": "p1", "DATASET_ID": "ds-1", "MODEL_NAME": "yolo11n.yaml",
+        "TASK_TYPE": "object_detection", "EPOCHS": str(EPOCHS), "LEARNING_RATE": "0.01",
+        "CALLBACK_URL": receiver.url(job_id), "INTERNAL_AUTH_TOKEN": SECRETS[2],
+        "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": experiment,
+        "WORK_DIR": str(folder / "work"),
+    }
+    result = run_entry("train.py", env, cwd=folder, timeout=600)
+    receiver.stop()
+    yield {"result": result, "receiver": receiver, "bucket": bucket, "job_id": job_id, "experiment": experiment,
+           "mlflow": mlflow_server, "s3": s3, "work": folder / "work"}
+
+
+def test_exits_zero_and_reports_running_then_completed(job):
+    result = job["result"]
+    assert result.returncode == 0, result.stderr[-3000:]
+    statuses = [b["status"] for b in job["receiver"].bodies("status")]
+    assert statuses[0] == "running" and statuses[-1] == "completed"
+    assert set(statuses[1:-1]) <= {"running"}
+    progress = [b["progress"] for b in job["receiver"].bodies("status")]
+    assert progress == sorted(progress) and progress[-1] == 100
+
+
+def test_every_callback_carries_the_auth_header_and_an_event_id(job):
+    entries = job["receiver"].requests(stored_only=False)
+    assert entries and all(e["auth"] == SECRETS[2] for e in entries)
+    bodies = [e["body"] for e in entries if e["body"] is not None]
+    assert all(isinstance(b.get("event_id"), str) and b["event_id"] for b in bodies)
+    assert len({b["event_id"] for b in bodies}) == len(bodies)
+
+
+def test_one_validation_result_per_epoch_with_metrics_in_range(job):
+    results = job["receiver"].bodies("validation-results")
+    assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1))  # final evaluation is not an extra epoch
+    for r in results:
+        assert r["total_epochs"] == EPOCHS
+        m = r["metrics"]
+        for key in ("precision", "recall", "mAP50", "mAP50-95", "fitness"):
+            assert 0.0 <= m[key] <= 1.0, (key, m[key])
+        assert {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(m)
+        assert all(math.isfinite(v) and v >= 0 for k, v in m.items() if k.startswith("val/"))
+
+
+def test_training_metrics_posted_each_epoch(job):
+    posted = job["receiver"].bodies("metrics")
+    for name in ("train/box_loss", "train/cls_loss", "train/dfl_loss", "lr/pg0", "mAP50"):
+        epochs = sorted(p["epoch"] for p in posted if p["name"] == name)
+        assert epochs == list(range(1, EPOCHS + 1)), name
+    assert all(isinstance(p["value"], float) for p in posted)
+
+
+def test_final_status_carries_the_contract_fields(job):
+    final = job["receiver"].bodies("status")[-1]
+    assert final["error"] is None and final["exit_code"] == 0
+    assert final["epochs_completed"] == EPOCHS
+    assert final["best_checkpoint"] == f"s3://{job['bucket']}/checkpoints/job-{job['job_id']}/best.pt"
+    assert final["last_checkpoint"] == f"s3://{job['bucket']}/checkpoints/job-{job['job_id']}/last.pt"
+    assert final["mlflow_run_id"] and final["mlflow_run_id"] in final["mlflow_run_url"]
+    assert {"precision", "recall", "mAP50", "mAP50-95"} <= set(final["final_metrics"])
+    assert final["training_time_seconds"] > 0
+
+
+def test_checkpoints_are_in_storage_and_load(job):
+    from ultralytics import YOLO
+
+    prefix = f"checkpoints/job-{job['job_id']}/"
+    keys = {o["Key"] for o in job["s3"].list_objects_v2(Bucket=job["bucket"], Prefix=prefix)["Contents"]}
+    assert {prefix + n for n in ("best.pt", "last.pt", "results.csv", "events.jsonl")} <= keys
+    for name in ("best.pt", "last.pt"):
+        data = job["s3"].get_object(Bucket=job["bucket"], Key=prefix + name)["Body"].read()
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+        assert ckpt["epoch"] == -1 or ckpt["epoch"] == EPOCHS - 1  # Ultralytics marks finished checkpoints -1
+        assert ckpt["train_args"]["epochs"] == EPOCHS
+        path = job["work"] / f"loaded-{name}"
+        path.write_bytes(data)
+        model = YOLO(str(path))
+        assert model.task == "detect" and model.names == {0: "rectangle", 1: "ellipse"}
+
+
+def test_event_log_in_storage_matches_callbacks(job):
+    key = f"checkpoints/job-{job['job_id']}/events.jsonl"
+    lines = job["s3"].get_object(Bucket=job["bucket"], Key=key)["Body"].read().decode().splitlines()
+    events = [json.loads(line) for line in lines]
+    sent = {e["body"]["event_id"] for e in job["receiver"].requests()}
+    assert {e["body"]["event_id"] for e in events} == sent
+    assert events[-1]["body"]["status"] == "completed"
+
+
+def test_mlflow_has_one_run_with_one_point_per_epoch_params_and_artifacts(job):
+    from mlflow import MlflowClient
+
+    client = MlflowClient(job["mlflow"])
+    experiment = client.get_experiment_by_name(job["experiment"])
+    runs = client.search_runs([experiment.experiment_id])
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.info.run_name == f"job-{job['job_id']}" and run.info.status == "FINISHED"
+    assert run.data.tags["job_id"] == job["job_id"]
+    params = run.data.params
+    assert params["epochs"] == str(EPOCHS) and params["imgsz"] == "64" and params["task"] == "detect"
+    assert params["lr0"] == "0.01" and params["optimizer"] == "AdamW"  # LEARNING_RATE is honoured, not auto-replaced
+    for key in ("mAP50", "mAP50-95", "precision", "train/box_loss", "val/box_loss", "lr/pg0", "fitness"):
+        steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
+        assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)
+    top = {a.path for a in client.list_artifacts(run.info.run_id)}
+    weights = {a.path for a in client.list_artifacts(run.info.run_id, "weights")}
+    assert {"results.csv", "results.png"} <= top
+    assert {"weights/best.pt", "weights/last.pt"} <= weights
+
+
+def test_no_secret_in_output_callbacks_or_storage(job):
+    result = job["result"]
+    texts = [result.stdout, result.stderr, job["receiver"].record.read_text()]
+    key = f"checkpoints/job-{job['job_id']}/events.jsonl"
+    texts.append(job["s3"].get_object(Bucket=job["bucket"], Key=key)["Body"].read().decode())
+    for text in texts:
+        for secret in SECRETS[:2]:  # the auth token is legitimately in the receiver's record of headers
+            assert secret not in text
+    assert SECRETS[2] not in result.stdout + result.stderr + texts[-1]
+
+
+def test_configuration_is_logged_once_with_secrets_masked(job):
+    lines = [line for line in job["result"].stderr.splitlines() if "configuration: {" in line]
+    assert len(lines) == 1
+    config = json.loads(lines[0].split("configuration: ", 1)[1])
+    assert config["storage"]["secret_key"] == "***" and config["storage"]["access_key"] == "***"
+    assert config["backend"]["token"] == "***"
+    assert config["epochs"] == EPOCHS

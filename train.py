@@ -1,0 +1,528 @@
+"""Train an Ultralytics YOLO model as one job of the vision platform.
+
+The backend launches it as a subprocess or a Kubernetes Job with the job's configuration in
+the environment; by hand, put the variables in ./.env (real environment variables win):
+
+    python train.py
+    JOB_ID=1 DATASET_URI=shapes.zip MODEL_NAME=yolo11n.yaml STORAGE_TYPE=local EPOCHS=3 python train.py
+
+Steps: validate the configuration -> report `running` -> download and check the dataset ->
+resolve the model weights -> start the MLflow run -> train, reporting every epoch -> upload
+checkpoints and outputs -> report `completed`. Any failure reports `failed` with a redacted
+message and exits with the contract's code (see README, "Exit codes").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from dotenv import load_dotenv
+
+from utils import (
+    EXIT_BAD_INPUT,
+    EXIT_CANCELLED,
+    EXIT_ERROR,
+    EXIT_OK,
+    Backend,
+    BadInput,
+    ConfigError,
+    Location,
+    Redactor,
+    Settings,
+    Storage,
+    StorageNotFound,
+    TrainerError,
+    TransientError,
+    archive_kind,
+    available_cpus,
+    backend_settings,
+    extract_archive,
+    find_dataset_root,
+    load_settings,
+    now_iso,
+    prepare_ultralytics,
+    resolve_data_yaml,
+    setup_logging,
+)
+
+LOGGER = logging.getLogger("trainer")
+
+OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded beside the checkpoints
+
+
+# ----------------------------------------------------------------------------------------------
+# MLflow: the trainer owns the run (Ultralytics' own MLflow callback is switched off)
+# ----------------------------------------------------------------------------------------------
+
+
+class Tracker:
+    """The job's MLflow run: one per job, found again by its `job_id` tag when the job restarts.
+
+    Any tracking failure logs one warning and switches tracking off; it never fails training.
+    """
+
+    def __init__(self, settings: Settings, redact: Redactor):
+        self.settings = settings
+        self.redact = redact
+        self.client = None
+        self.run_id: str | None = None
+        self.experiment_id: str | None = None
+        self._params: set[str] = set()
+
+    def start(self) -> None:
+        # MLflow's HTTP defaults (7 retries, 120 s timeout) would stall a job for minutes on a dead server.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        try:
+            from mlflow import MlflowClient
+
+            s = self.settings
+            self.client = MlflowClient(s.mlflow_tracking_uri)
+            experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
+            self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(s.mlflow_experiment)
+            runs = self.client.search_runs([self.experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
+                                           order_by=["attributes.start_time DESC"])
+            if runs:
+                self.run_id = runs[0].info.run_id
+                self._params = set(runs[0].data.params)
+                self.client.update_run(self.run_id, status="RUNNING")
+                LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
+            else:
+                run = self.client.create_run(self.experiment_id, run_name=f"job-{s.job_id}",
+                                             tags={"job_id": s.job_id, "project_id": s.project_id})
+                self.run_id = run.info.run_id
+                LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
+                            self.redact(s.mlflow_tracking_uri))
+        except Exception as e:
+            self._off("start", e)
+
+    @property
+    def url(self) -> str | None:
+        uri = self.settings.mlflow_tracking_uri
+        if not self.run_id or not uri.startswith(("http://", "https://")):
+            return None
+        return f"{self.redact(uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
+
+    def log_params(self, params: dict) -> None:
+        """Log parameters not logged before (MLflow refuses to change a logged value)."""
+        if not self.run_id:
+            return
+        from mlflow.entities import Param
+
+        new = [Param(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
+        try:
+            for i in range(0, len(new), 100):
+                self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self._params.update(p.key for p in new)
+        except Exception as e:
+            self._off("log parameters", e)
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if not self.run_id:
+            return
+        from mlflow.entities import Metric
+
+        stamp = int(time.time() * 1000)
+        try:
+            self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
+        except Exception as e:
+            self._off("log metrics", e)
+
+    def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
+        for f in files:
+            if not self.run_id:
+                return
+            try:
+                self.client.log_artifact(self.run_id, str(f), artifact_path)
+            except Exception as e:
+                self._off(f"upload {f.name}", e)
+
+    def finish(self, status: str) -> None:
+        if not self.run_id:
+            return
+        try:
+            self.client.set_terminated(self.run_id, status=status)
+        except Exception as e:
+            self._off("end the run", e)
+
+    def _off(self, action: str, error: Exception) -> None:
+        LOGGER.warning("MLflow: failed to %s (%s); tracking is off for the rest of this job", action,
+                       self.redact(f"{type(error).__name__}: {error}")[:500])
+        self.run_id = None
+
+
+# ----------------------------------------------------------------------------------------------
+# Epoch reporting: Ultralytics hooks -> backend callbacks and MLflow
+# ----------------------------------------------------------------------------------------------
+
+_METRIC = re.compile(r"metrics/(precision|recall|mAP50|mAP50-95)\(([BMP])\)")
+_KIND_PREFIX = {"B": "", "M": "mask_", "P": "pose_"}
+
+
+def contract_metrics(raw: dict, fitness: float | None) -> dict:
+    """Ultralytics' validation metrics under the contract's names (mAP50, mask_mAP50, top1, val/box_loss...)."""
+    out = {}
+    for key, value in raw.items():
+        if m := _METRIC.fullmatch(key):
+            name = _KIND_PREFIX[m.group(2)] + m.group(1)
+        elif key.startswith("metrics/accuracy_top"):
+            name = "top" + key[len("metrics/accuracy_top"):]
+        else:
+            name = key.removeprefix("metrics/")
+        out[name] = value
+    if fitness is not None:
+        out["fitness"] = fitness
+    return finite_floats(out)
+
+
+def finite_floats(values: dict) -> dict:
+    """Floats only; NaN and infinity (no JSON for them) are left out."""
+    out = {}
+    for k, v in values.items():
+        try:
+            v = float(v)
+        except (TypeError, ValueError):
+            continue
+        if math.isfinite(v):
+            out[k] = v
+    return out
+
+
+class EpochReporter:
+    """Ultralytics callbacks that report each epoch once validation has run.
+
+    `on_fit_epoch_end` runs after every epoch and once more for the final evaluation of
+    best.pt; only the first kind follows an `on_train_epoch_end` for the same epoch, which
+    is how the final evaluation is told apart and kept as the job's final metrics.
+    """
+
+    def __init__(self, backend: Backend, tracker: Tracker):
+        self.backend = backend
+        self.tracker = tracker
+        self.epochs_completed = 0
+        self.total_epochs = 0
+        self.last_metrics: dict = {}
+        self.final_metrics: dict | None = None
+        self._pending: tuple[int, dict] | None = None
+
+    def callbacks(self) -> dict:
+        return {
+            "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_fit_epoch_end": self.on_fit_epoch_end,
+        }
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        self.total_epochs = trainer.epochs
+        self.epochs_completed = trainer.start_epoch
+        self.tracker.log_params({k: v for k, v in vars(trainer.args).items() if v is not None})
+        if trainer.start_epoch:
+            self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}")
+
+    def on_train_epoch_end(self, trainer) -> None:
+        train = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
+        self._pending = (trainer.epoch, finite_floats(train))
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        if self._pending is None or self._pending[0] != trainer.epoch:
+            self.final_metrics = contract_metrics(trainer.metrics or {}, None)
+            return
+        _, train = self._pending
+        self._pending = None
+        epoch, total = trainer.epoch + 1, trainer.epochs
+        metrics = contract_metrics(trainer.metrics or {}, trainer.fitness)
+        self.backend.validation_results(epoch, total, metrics, task=trainer.args.task)
+        for name, value in {**train, **metrics}.items():
+            self.backend.metric(name, value, epoch, step=epoch)
+        self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total)
+        self.tracker.log_metrics({**train, **metrics}, step=epoch)
+        self.epochs_completed, self.total_epochs, self.last_metrics = epoch, total, metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------
+
+
+def job_dir(settings: Settings) -> Path:
+    return settings.work_dir / "jobs" / f"job-{settings.job_id}"
+
+
+def download_dataset(storage: Storage, settings: Settings) -> Path:
+    """Fetch and unpack the dataset (cached by ETag); return what Ultralytics' `data` takes."""
+    uri = settings.dataset_uri
+    local = Path(uri).expanduser()
+    if not uri.startswith("s3://") and local.exists():
+        folder = local.resolve() if local.is_dir() else _extract_cached(local, settings, f"{local.stat().st_size}-{local.stat().st_mtime_ns}")
+    else:
+        loc = storage.locate(uri)
+        if not archive_kind(loc.key):
+            raise BadInput(f"dataset {storage.uri(loc)} must be a .zip, .tar, .tar.gz or .tgz archive")
+        info = storage.head(loc)
+        if info is None:
+            raise StorageNotFound(f"dataset {storage.uri(loc)} does not exist")
+        folder = _cache_dir(settings, loc.key, info.etag)
+        if folder.is_dir():
+            LOGGER.info("dataset %s already extracted at %s", storage.uri(loc), folder)
+        else:
+            archive = settings.work_dir / "downloads" / (folder.name + archive_kind(loc.key))
+            storage.download(loc, archive, info)
+            try:
+                _extract_into(archive, folder)
+            finally:
+                archive.unlink(missing_ok=True)
+    root = find_dataset_root(folder)
+    if not any((root / n).is_file() for n in ("data.yaml", "data.yml")):
+        LOGGER.info("dataset at %s is a classification folder (train/, val/)", root)
+        return root
+    data_yaml, data = resolve_data_yaml(root, job_dir(settings) / "data.yaml")
+    LOGGER.info("dataset ready at %s: %d classes, train=%s val=%s", root, len(data.get("names") or []) or data.get("nc", 0),
+                data["train"], data["val"])
+    return data_yaml
+
+
+def _cache_dir(settings: Settings, name: str, version: str) -> Path:
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[:60]
+    digest = hashlib.sha256(f"{name}\0{version}".encode()).hexdigest()[:16]
+    return settings.work_dir / "datasets" / f"{stem}-{digest}"
+
+
+def _extract_cached(archive: Path, settings: Settings, version: str) -> Path:
+    folder = _cache_dir(settings, str(archive.resolve()), version)
+    if not folder.is_dir():
+        _extract_into(archive, folder)
+    return folder
+
+
+def _extract_into(archive: Path, folder: Path) -> None:
+    """Extract next to folder, then rename: a half-extracted dataset never looks complete."""
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        LOGGER.info("extracting %s", archive.name)
+        extract_archive(archive, tmp)
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def resolve_model(storage: Storage, settings: Settings) -> str:
+    """MODEL_NAME -> what YOLO() loads: a config name, or a local .pt/.yaml file."""
+    name = settings.model_name
+    weights_dir = settings.work_dir / "weights"
+    local = Path(name).expanduser()
+    if name.endswith((".yaml", ".yml")):
+        if local.is_file():
+            return str(local.resolve())
+        if name.startswith("s3://") or "/" in name:
+            loc = storage.locate(name)
+            return str(storage.fetch(loc, weights_dir / "files" / loc.bucket / loc.key))
+        return name  # an Ultralytics model config such as yolo11n.yaml: train from scratch
+    if name.startswith("s3://") or name.endswith(".pt"):
+        if not name.startswith("s3://") and local.is_file():
+            return str(local.resolve())
+        loc = storage.locate(name)
+        try:
+            return str(storage.fetch(loc, weights_dir / "files" / loc.bucket / loc.key))
+        except StorageNotFound:
+            raise BadInput(f"MODEL_NAME={name}: no local file and no storage object {storage.uri(loc)}") from None
+    return str(fetch_pretrained(storage, settings, name))
+
+
+def fetch_pretrained(storage: Storage, settings: Settings, name: str) -> Path:
+    """Pretrained weights by name: storage `models/{name}.pt`, then the local cache, then the internet."""
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
+        raise BadInput(f"MODEL_NAME={name!r} is not a model name, a .yaml config, or a .pt checkpoint")
+    cache = settings.work_dir / "weights" / f"{name}.pt"
+    loc = storage.locate(f"{settings.pretrained_prefix}{name}.pt")
+    try:
+        return storage.fetch(loc, cache)
+    except StorageNotFound:
+        pass
+    except TransientError:
+        if not cache.is_file():
+            raise
+        LOGGER.warning("storage unreachable; using cached %s", cache)
+        return cache
+    if cache.is_file():
+        LOGGER.info("using local weights %s (not in %s)", cache, storage.uri(loc))
+        return cache
+    if settings.weights_download:
+        LOGGER.info("%s.pt is not in storage or the cache; trying Ultralytics' download", name)
+        try:
+            from ultralytics.utils.downloads import attempt_download_asset
+
+            attempt_download_asset(cache)
+        except Exception as e:
+            LOGGER.warning("download of %s.pt failed: %s", name, e)
+        if cache.is_file():
+            return cache
+    raise BadInput(
+        f"pretrained weights {name}.pt not found: not in {storage.uri(loc)}, not in {cache}"
+        + (", and the internet download failed" if settings.weights_download else ", and WEIGHTS_DOWNLOAD is off")
+        + f". Upload them once to {storage.uri(loc)} (see README, 'Pretrained weights').")
+
+
+def train_model(settings: Settings, weights: str, data: Path, reporter: EpochReporter):
+    """Run Ultralytics training; returns its trainer (save_dir, best/last paths, metrics)."""
+    from ultralytics import YOLO
+
+    try:
+        model = YOLO(weights, task=settings.task)
+    except Exception as e:
+        raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: {e}") from None
+    for event, hook in reporter.callbacks().items():
+        model.add_callback(event, hook)
+    save_dir = job_dir(settings) / "train"
+    shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
+    device = settings.device or _default_device()
+    args = {
+        **settings.train_args,
+        "data": str(data),
+        "epochs": settings.epochs,
+        "batch": settings.batch,
+        "imgsz": settings.imgsz,
+        "device": device,
+        "workers": settings.workers if settings.workers is not None else min(8, available_cpus()),
+        "project": str(save_dir.parent),
+        "name": save_dir.name,
+        "exist_ok": True,
+    }
+    if settings.lr0 is not None:
+        args["lr0"] = settings.lr0
+        # optimizer=auto ignores lr0; AdamW is what auto picks for runs under 10,000 iterations.
+        args.setdefault("optimizer", "AdamW")
+    LOGGER.info("training %s on %s for %d epochs (device %s)", settings.model_name, data, settings.epochs, device)
+    try:
+        model.train(**args)
+    except RuntimeError as e:
+        if str(e).startswith("Dataset"):  # Ultralytics' own dataset check refused the data
+            raise BadInput(str(e).splitlines()[0]) from None
+        raise
+    return model.trainer
+
+
+def _default_device() -> str:
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
+
+
+def upload_outputs(storage: Storage, settings: Settings, trainer) -> dict:
+    """Upload best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/."""
+    uris = {}
+    for name in ("best.pt", "last.pt"):
+        path = Path(trainer.wdir) / name
+        if path.is_file():
+            uris[name] = storage.upload(path, storage.locate(settings.checkpoint_prefix + name))
+    for path in sorted(Path(trainer.save_dir).iterdir()):
+        if path.is_file() and path.suffix in OUTPUT_SUFFIXES:
+            storage.upload(path, storage.locate(settings.checkpoint_prefix + path.name))
+    return uris
+
+
+def log_run_artifacts(tracker: Tracker, trainer) -> None:
+    save_dir = Path(trainer.save_dir)
+    tracker.log_artifacts(sorted(Path(trainer.wdir).glob("*.pt")), "weights")
+    tracker.log_artifacts(sorted(p for p in save_dir.iterdir() if p.is_file() and p.suffix in OUTPUT_SUFFIXES))
+
+
+def upload_event_log(storage: Storage, settings: Settings, event_log: Path) -> None:
+    if not event_log.is_file():
+        return
+    try:
+        storage.upload(event_log, storage.locate(settings.checkpoint_prefix + "events.jsonl"))
+    except TrainerError as e:
+        LOGGER.warning("could not upload the event log: %s", e)
+
+
+def report_config_error(error: ConfigError, redact: Redactor) -> int:
+    """Configuration is invalid: say so to the backend if its URL at least is usable."""
+    LOGGER.error("%s", error)
+    try:
+        settings = backend_settings(os.environ)
+    except Exception:
+        return EXIT_BAD_INPUT
+    backend = Backend(settings, redact)
+    backend.status("failed", 0, error=str(error), exit_code=EXIT_BAD_INPUT, epochs_completed=0)
+    backend.close()
+    return EXIT_BAD_INPUT
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
+
+
+def main() -> int:
+    load_dotenv(Path.cwd() / ".env", override=False)  # hand runs; real environment variables win
+    redact = Redactor.from_environ(os.environ)
+    setup_logging(os.environ, redact)
+    try:
+        settings = load_settings(os.environ, "train")
+    except ConfigError as e:
+        return report_config_error(e, redact)
+
+    LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
+    event_log = job_dir(settings) / "events.jsonl"
+    backend = Backend(settings.backend, redact, event_log)
+    tracker = Tracker(settings, redact)
+    reporter = EpochReporter(backend, tracker)
+    storage = None
+    started = time.monotonic()
+    try:
+        backend.status("running", 0, started_at=now_iso())
+        storage = Storage(settings.storage)
+        prepare_ultralytics(settings.work_dir)
+        data = download_dataset(storage, settings)
+        backend.log(f"dataset ready: {settings.dataset_uri}")
+        weights = resolve_model(storage, settings)
+        tracker.start()
+        trainer = train_model(settings, weights, data, reporter)
+        uris = upload_outputs(storage, settings, trainer)
+        backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
+        log_run_artifacts(tracker, trainer)
+        tracker.finish("FINISHED")
+        backend.status(
+            "completed", 100,
+            mlflow_run_id=tracker.run_id, mlflow_run_url=tracker.url,
+            best_checkpoint=uris.get("best.pt"), last_checkpoint=uris.get("last.pt"),
+            final_metrics=reporter.final_metrics or reporter.last_metrics,
+            epochs_completed=reporter.epochs_completed,
+            training_time_seconds=round(time.monotonic() - started, 1), exit_code=EXIT_OK)
+        code = EXIT_OK
+    except BaseException as e:  # one top-level handler: classify, report, exit with the contract's code
+        code, message = classify_failure(e)
+        LOGGER.error("job failed (exit %d): %s", code, redact(message), exc_info=code == EXIT_ERROR)
+        tracker.finish("KILLED" if code == EXIT_CANCELLED else "FAILED")
+        status = "cancelled" if code == EXIT_CANCELLED else "failed"
+        progress = 100.0 * reporter.epochs_completed / reporter.total_epochs if reporter.total_epochs else 0
+        backend.status(status, progress, error=message, exit_code=code, epochs_completed=reporter.epochs_completed,
+                       mlflow_run_id=tracker.run_id, training_time_seconds=round(time.monotonic() - started, 1))
+    finally:
+        backend.close()
+    if storage is not None:
+        upload_event_log(storage, settings, event_log)
+    return code
+
+
+def classify_failure(error: BaseException) -> tuple[int, str]:
+    """Exit code and a readable message for any exception that ended the job."""
+    if isinstance(error, TrainerError):
+        return error.exit_code, str(error)
+    if isinstance(error, KeyboardInterrupt):
+        return EXIT_CANCELLED, "interrupted"
+    return EXIT_ERROR, f"unexpected error: {type(error).__name__}: {error}"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1085 @@
+"""Shared parts of the YOLO trainer: configuration, storage, backend callbacks, datasets.
+
+train.py and predict.py are the entry points; this module holds everything they
+share, in this order:
+
+1. constants: exit codes, storage keys, every environment variable the trainer reads;
+2. errors, logging and secret redaction;
+3. configuration: `load_settings(environ)` -> frozen `Settings`, every problem reported at once;
+4. storage: one `Storage` client for MinIO, Cloudflare R2, AWS S3 or a local folder;
+5. backend callbacks: one `Backend` client with a background sender and an event log;
+6. datasets and weights: safe archive extraction, `data.yaml` rewriting, pretrained weights lookup;
+7. Ultralytics set-up: offline mode and settings kept in the work folder.
+
+Environment variables (all documented in README.md and .env.example):
+    JOB_ID, PROJECT_ID, CALLBACK_URL, INTERNAL_AUTH_TOKEN, TASK_TYPE, MODEL_NAME, DATASET_ID,
+    DATASET_URI, EPOCHS, BATCH_SIZE, LEARNING_RATE, IMGSZ, DEVICE, WORKERS, TRAIN_ARGS, WORK_DIR,
+    RESUME, STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*, LOCAL_STORAGE_DIR, MLFLOW_TRACKING_URI,
+    MLFLOW_EXPERIMENT_NAME, CHECKPOINT_URI, INPUT_URI, CONF_THRESHOLD, IOU_THRESHOLD, and the
+    tuning knobs listed in ENV_VARS below.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import datetime as dt
+import json
+import logging
+import math
+import os
+import random
+import re
+import shutil
+import stat
+import tarfile
+import tempfile
+import threading
+import time
+import uuid
+import zipfile
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterator, Mapping
+
+LOGGER = logging.getLogger("trainer")
+
+# ----------------------------------------------------------------------------------------------
+# 1. Constants
+# ----------------------------------------------------------------------------------------------
+
+# Exit codes: a Kubernetes Job's podFailurePolicy acts on these (see README, "Exit codes").
+EXIT_OK = 0  # the job did what it was asked
+EXIT_ERROR = 1  # unexpected error (a bug, or a failure nobody classified): retry at most a little
+EXIT_BAD_INPUT = 2  # bad configuration or input: retrying cannot help (FailJob)
+EXIT_TRANSIENT = 75  # infrastructure failure (storage down, network): retrying can help (EX_TEMPFAIL)
+EXIT_CANCELLED = 143  # SIGTERM/SIGINT or cancelled by the backend (128 + SIGTERM)
+
+DATASET_KEY = "datasets/{dataset_id}.zip"
+PRETRAINED_KEY = "{prefix}{model_name}.pt"
+CHECKPOINT_PREFIX = "checkpoints/job-{job_id}/"
+
+TASK_ALIASES = {
+    "object_detection": "detect",
+    "instance_segmentation": "segment",
+    "classification": "classify",
+    "pose_estimation": "pose",
+    "oriented_detection": "obb",
+    **{name: name for name in ("detect", "segment", "classify", "pose", "obb")},
+}
+STORAGE_TYPES = ("minio", "r2", "s3", "local")
+SECRET_NAME_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
+ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+# Every variable the trainer reads, with its default ("" = unset). .env.example and the README
+# list the same names; tests/test_config.py keeps the three in step.
+ENV_VARS: dict[str, str] = {
+    # job
+    "JOB_ID": "",
+    "PROJECT_ID": "default",
+    "TASK_TYPE": "",
+    "MODEL_NAME": "yolo11n",
+    "DATASET_ID": "",
+    "DATASET_URI": "",
+    "EPOCHS": "100",
+    "BATCH_SIZE": "16",
+    "LEARNING_RATE": "",
+    "IMGSZ": "640",
+    "DEVICE": "",
+    "WORKERS": "",
+    "TRAIN_ARGS": "{}",
+    "WORK_DIR": "",
+    "RESUME": "auto",
+    "PRETRAINED_PREFIX": "models/",
+    "WEIGHTS_DOWNLOAD": "true",
+    "LOG_LEVEL": "INFO",
+    # backend callbacks
+    "CALLBACK_URL": "",
+    "INTERNAL_AUTH_TOKEN": "",
+    "CALLBACK_CONNECT_TIMEOUT": "3",
+    "CALLBACK_TIMEOUT": "10",
+    "CALLBACK_MAX_ATTEMPTS": "8",
+    "CALLBACK_FLUSH_TIMEOUT": "10",
+    # storage
+    "STORAGE_TYPE": "minio",
+    "STORAGE_BUCKET": "vision-platform",
+    "MINIO_ENDPOINT": "http://localhost:9000",
+    "MINIO_ACCESS_KEY": "",
+    "MINIO_SECRET_KEY": "",
+    "R2_ENDPOINT": "",
+    "R2_ACCESS_KEY_ID": "",
+    "R2_SECRET_ACCESS_KEY": "",
+    "R2_BUCKET": "",
+    "LOCAL_STORAGE_DIR": "storage",
+    "STORAGE_MAX_ATTEMPTS": "8",
+    "STORAGE_TIMEOUT": "60",
+    # tracking
+    "MLFLOW_TRACKING_URI": "",
+    "MLFLOW_EXPERIMENT_NAME": "",
+    # predict
+    "CHECKPOINT_URI": "",
+    "INPUT_URI": "",
+    "CONF_THRESHOLD": "0.25",
+    "IOU_THRESHOLD": "0.7",
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Errors, logging, redaction
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainerError(Exception):
+    """A failure the entry points know how to report; its class decides the exit code."""
+
+    exit_code = EXIT_ERROR
+
+
+class BadInput(TrainerError):
+    """Bad configuration or input: the same job will fail the same way again."""
+
+    exit_code = EXIT_BAD_INPUT
+
+
+class ConfigError(BadInput):
+    """Every problem found in the configuration, reported together."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("invalid configuration:\n  - " + "\n  - ".join(problems))
+
+
+class TransientError(TrainerError):
+    """Infrastructure failed (storage unreachable, throttled): a retry of the job may succeed."""
+
+    exit_code = EXIT_TRANSIENT
+
+
+class Cancelled(TrainerError):
+    """The job was told to stop (signal or backend cancellation)."""
+
+    exit_code = EXIT_CANCELLED
+
+
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s:@]+:[^/\s@]+@")
+
+
+def is_secret_name(name: str) -> bool:
+    """True for variables whose value must never be shown (…KEY, …SECRET, …TOKEN, …PASSWORD)."""
+    upper = name.upper()
+    return any(part in upper for part in SECRET_NAME_PARTS)
+
+
+class Redactor:
+    """Masks secret values and URL credentials in any text that leaves the process."""
+
+    def __init__(self, secrets: list[str]):
+        # Longest first, so a secret that contains another is masked whole.
+        self.secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Redactor:
+        return cls([value for name, value in environ.items() if is_secret_name(name) and value])
+
+    def __call__(self, text: Any) -> str:
+        text = _URL_CREDENTIALS.sub(r"\g<scheme>***:***@", str(text))
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+class _RedactingFilter(logging.Filter):
+    def __init__(self, redact: Redactor):
+        super().__init__()
+        self.redact = redact
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        clean = self.redact(message)
+        if clean != message:
+            record.msg, record.args = clean, None
+        if record.exc_info and record.exc_info[1] is not None:
+            record.exc_text = self.redact(logging.Formatter().formatException(record.exc_info))
+        return True
+
+
+def setup_logging(environ: Mapping[str, str], redact: Redactor) -> None:
+    """Log to stderr, through the redaction filter; Ultralytics' logger is routed here too."""
+    level = (environ.get("LOG_LEVEL") or ENV_VARS["LOG_LEVEL"]).upper()
+    handler = logging.StreamHandler()  # stderr: stdout belongs to predict.py's JSON
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.addFilter(_RedactingFilter(redact))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level if level in logging.getLevelNamesMapping() else "INFO")
+    for noisy in ("botocore", "boto3", "s3transfer", "urllib3", "matplotlib", "PIL", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def now_iso() -> str:
+    """Current UTC time, ISO 8601 with a Z suffix."""
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def human_size(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1024 or unit == "GB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GB"
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Configuration
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class StorageSettings:
+    type: str
+    bucket: str
+    endpoint: str | None = None
+    access_key: str | None = dataclasses.field(default=None, repr=False)
+    secret_key: str | None = dataclasses.field(default=None, repr=False)
+    region: str | None = None
+    local_dir: Path | None = None
+    max_attempts: int = 8
+    timeout: float = 60.0
+
+
+@dataclasses.dataclass(frozen=True)
+class BackendSettings:
+    url: str | None
+    token: str | None = dataclasses.field(default=None, repr=False)
+    connect_timeout: float = 3.0
+    timeout: float = 10.0
+    max_attempts: int = 8
+    flush_timeout: float = 10.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The whole configuration of one run of train.py or predict.py."""
+
+    job_id: str | None
+    project_id: str
+    task: str | None  # Ultralytics task name, None = infer from the model
+    model_name: str
+    dataset_uri: str | None  # s3://, a storage key, or a local path; None for predict
+    epochs: int
+    batch: float  # -1 = AutoBatch, 0 < batch < 1 = fraction of GPU memory
+    lr0: float | None  # None = Ultralytics' optimizer=auto picks optimizer and learning rate
+    imgsz: int
+    device: str | None  # None = first GPU if any, else cpu
+    workers: int | None  # None = from the CPUs available to the process
+    train_args: dict
+    work_dir: Path
+    resume: bool
+    pretrained_prefix: str
+    weights_download: bool
+    mlflow_tracking_uri: str
+    mlflow_experiment: str
+    checkpoint_uri: str | None
+    input_uri: str | None
+    conf: float
+    iou: float
+    storage: StorageSettings
+    backend: BackendSettings
+
+    @property
+    def checkpoint_prefix(self) -> str:
+        return CHECKPOINT_PREFIX.format(job_id=self.job_id)
+
+    @property
+    def run_dir(self) -> Path:
+        """Where Ultralytics writes this job's outputs (weights/, results.csv, plots)."""
+        return self.work_dir / "runs" / f"job-{self.job_id}"
+
+    def describe(self) -> dict:
+        """The effective configuration for the start-of-job log, secrets masked."""
+        out = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if dataclasses.is_dataclass(value):
+                value = {k.name: ("***" if is_secret_name(k.name) and getattr(value, k.name) else getattr(value, k.name))
+                         for k in dataclasses.fields(value)}
+            out[f.name] = value
+        return json.loads(json.dumps(out, default=str))
+
+
+class _Env:
+    """Reads typed values from an environment mapping, collecting every problem."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+        self.problems: list[str] = []
+
+    def str(self, name: str, required: bool = False, default: str | None = None) -> str | None:
+        assert name in ENV_VARS, f"{name} missing from ENV_VARS"
+        value = (self.environ.get(name) or "").strip()
+        if not value:
+            value = default if default is not None else ENV_VARS[name]
+        if required and not value:
+            self.problems.append(f"{name} is required")
+        return value or None
+
+    def number(self, name: str, kind: type, low: float | None = None, high: float | None = None,
+               what: str = "") -> Any:
+        raw = self.str(name)
+        try:
+            value = kind(raw)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError
+        except (TypeError, ValueError):
+            self.problems.append(f"{name}={raw!r} is not {'an integer' if kind is int else 'a number'}")
+            return kind(ENV_VARS[name] or 0)
+        if (low is not None and value < low) or (high is not None and value > high):
+            self.problems.append(f"{name}={raw} is out of range: expected {what}")
+        return value
+
+    def flag(self, name: str) -> bool:
+        raw = (self.str(name) or "").lower()
+        if raw in ("1", "true", "yes", "on"):
+            return True
+        if raw in ("0", "false", "no", "off"):
+            return False
+        self.problems.append(f"{name}={raw!r} must be true or false")
+        return False
+
+    def identifier(self, name: str, required: bool = False, default: str | None = None) -> str | None:
+        value = self.str(name, required, default)
+        if value and not ID_PATTERN.match(value):
+            self.problems.append(
+                f"{name}={value!r} must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit")
+        return value
+
+
+def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
+    """Build the settings of train.py (entry='train') or predict.py (entry='predict').
+
+    Raises:
+        ConfigError: listing every missing or invalid variable at once.
+    """
+    env = _Env(environ)
+    training = entry == "train"
+    job_id = env.identifier("JOB_ID", required=training)
+    project_id = env.identifier("PROJECT_ID")
+
+    task_raw = env.str("TASK_TYPE")
+    task = TASK_ALIASES.get(task_raw.lower()) if task_raw else None
+    if task_raw and not task:
+        env.problems.append(f"TASK_TYPE={task_raw!r} must be one of {', '.join(TASK_ALIASES)}")
+
+    model_name = env.str("MODEL_NAME")
+    if ".." in PurePosixPath(model_name).parts:
+        env.problems.append(f"MODEL_NAME={model_name!r} must not contain '..'")
+
+    dataset_id = env.identifier("DATASET_ID")
+    dataset_uri = env.str("DATASET_URI") or (DATASET_KEY.format(dataset_id=dataset_id) if dataset_id else None)
+    if training and not dataset_uri:
+        env.problems.append("DATASET_ID (or DATASET_URI) is required")
+
+    epochs = env.number("EPOCHS", int, 1, 100_000, "an integer >= 1")
+    batch = env.number("BATCH_SIZE", float, -1, 100_000, "an integer >= 1, -1 for AutoBatch, or a GPU memory fraction in (0, 1)")
+    if batch not in (-1,) and not (0 < batch < 1) and (batch < 1 or batch != int(batch)):
+        env.problems.append(f"BATCH_SIZE={environ.get('BATCH_SIZE')} must be an integer >= 1, -1, or a fraction in (0, 1)")
+    lr0 = env.number("LEARNING_RATE", float, 0, 1, "0 < LEARNING_RATE < 1") if env.str("LEARNING_RATE") else None
+    if lr0 in (0, 1):
+        env.problems.append(f"LEARNING_RATE={environ.get('LEARNING_RATE')} is out of range: expected 0 < LEARNING_RATE < 1")
+    imgsz = env.number("IMGSZ", int, 32, 8192, "an integer from 32 to 8192")
+
+    device = env.str("DEVICE")
+    if device and not re.fullmatch(r"cpu|mps|(cuda:)?\d+(,\d+)*", device.replace(" ", "")):
+        env.problems.append(f"DEVICE={device!r} must be cpu, mps, a GPU index like 0, or a list like 0,1,2,3")
+    workers = env.number("WORKERS", int, 0, 256, "an integer >= 0") if env.str("WORKERS") else None
+
+    train_args = _parse_train_args(env)
+    work_dir = Path(env.str("WORK_DIR") or Path(tempfile.gettempdir()) / "yolo-trainer").expanduser().resolve()
+
+    resume_raw = (env.str("RESUME") or "").lower()
+    if resume_raw not in ("auto", "true", "1", "yes", "false", "0", "no"):
+        env.problems.append(f"RESUME={resume_raw!r} must be auto or false")
+
+    prefix = env.str("PRETRAINED_PREFIX") or ""
+    prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
+
+    tracking_uri = env.str("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir / 'mlflow.db'}"
+    experiment = env.str("MLFLOW_EXPERIMENT_NAME") or f"project-{project_id}"
+
+    checkpoint_uri = env.str("CHECKPOINT_URI")
+    if entry == "predict" and not checkpoint_uri:
+        if job_id:
+            checkpoint_uri = CHECKPOINT_PREFIX.format(job_id=job_id) + "best.pt"
+        else:
+            env.problems.append("CHECKPOINT_URI (or JOB_ID, for that job's best.pt) is required")
+    input_uri = env.str("INPUT_URI", required=entry == "predict")
+
+    settings = Settings(
+        job_id=job_id,
+        project_id=project_id,
+        task=task,
+        model_name=model_name,
+        dataset_uri=dataset_uri,
+        epochs=epochs,
+        batch=int(batch) if batch >= 1 or batch == -1 else batch,
+        lr0=lr0,
+        imgsz=imgsz,
+        device=device.replace(" ", "") if device else None,
+        workers=workers,
+        train_args=train_args,
+        work_dir=work_dir,
+        resume=resume_raw in ("auto", "true", "1", "yes"),
+        pretrained_prefix=prefix,
+        weights_download=env.flag("WEIGHTS_DOWNLOAD"),
+        mlflow_tracking_uri=tracking_uri,
+        mlflow_experiment=experiment,
+        checkpoint_uri=checkpoint_uri,
+        input_uri=input_uri,
+        conf=env.number("CONF_THRESHOLD", float, 0, 1, "a number from 0 to 1"),
+        iou=env.number("IOU_THRESHOLD", float, 0, 1, "a number from 0 to 1"),
+        storage=_storage_settings(env),
+        backend=backend_settings(env),
+    )
+    if env.problems:
+        raise ConfigError(env.problems)
+    return settings
+
+
+# Arguments the trainer itself decides; TRAIN_ARGS may not override them.
+RESERVED_TRAIN_ARGS = {
+    "data": "DATASET_ID/DATASET_URI", "model": "MODEL_NAME", "epochs": "EPOCHS", "batch": "BATCH_SIZE",
+    "lr0": "LEARNING_RATE", "imgsz": "IMGSZ", "device": "DEVICE", "workers": "WORKERS", "task": "TASK_TYPE",
+    "resume": "RESUME", "project": None, "name": None, "save_dir": None, "exist_ok": None, "mode": None,
+}
+
+
+def _parse_train_args(env: _Env) -> dict:
+    raw = env.str("TRAIN_ARGS") or "{}"
+    try:
+        args = json.loads(raw)
+    except json.JSONDecodeError as e:
+        env.problems.append(f"TRAIN_ARGS is not valid JSON: {e.msg} at position {e.pos}")
+        return {}
+    if not isinstance(args, dict):
+        env.problems.append("TRAIN_ARGS must be a JSON object, e.g. {\"patience\": 20}")
+        return {}
+    for key in sorted(set(args) & set(RESERVED_TRAIN_ARGS)):
+        owner = RESERVED_TRAIN_ARGS[key]
+        env.problems.append(f"TRAIN_ARGS may not set {key!r}" + (f": use {owner}" if owner else ": the trainer sets it"))
+    return {k: v for k, v in args.items() if k not in RESERVED_TRAIN_ARGS}
+
+
+def _storage_settings(env: _Env) -> StorageSettings:
+    kind = (env.str("STORAGE_TYPE") or "").lower()
+    bucket = env.str("STORAGE_BUCKET")
+    common = {"max_attempts": env.number("STORAGE_MAX_ATTEMPTS", int, 1, 100, "an integer from 1 to 100"),
+              "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600")}
+    if kind == "minio":
+        endpoint = env.str("MINIO_ENDPOINT")
+        if "://" not in endpoint:
+            endpoint = f"http://{endpoint}"  # MinIO SDK style host:port
+        return StorageSettings("minio", bucket, endpoint, env.str("MINIO_ACCESS_KEY", required=True),
+                               env.str("MINIO_SECRET_KEY", required=True), "us-east-1", **common)
+    if kind == "r2":
+        return StorageSettings("r2", env.str("R2_BUCKET") or bucket, env.str("R2_ENDPOINT", required=True),
+                               env.str("R2_ACCESS_KEY_ID", required=True), env.str("R2_SECRET_ACCESS_KEY", required=True),
+                               "auto", **common)
+    if kind == "s3":  # AWS: credentials, region and endpoint come from boto3's usual AWS_* chain
+        return StorageSettings("s3", bucket, **common)
+    if kind == "local":
+        return StorageSettings("local", bucket, local_dir=Path(env.str("LOCAL_STORAGE_DIR")).expanduser().resolve(), **common)
+    env.problems.append(f"STORAGE_TYPE={kind!r} must be one of {', '.join(STORAGE_TYPES)}")
+    return StorageSettings("local", bucket or "")
+
+
+def backend_settings(env: _Env | Mapping[str, str]) -> BackendSettings:
+    """Callback settings; usable on their own to report a configuration failure."""
+    env = env if isinstance(env, _Env) else _Env(env)
+    url = env.str("CALLBACK_URL")
+    if url and not re.match(r"^https?://[^/\s]+", url):
+        env.problems.append(f"CALLBACK_URL={url!r} must be an http:// or https:// URL")
+        url = None
+    return BackendSettings(
+        url=url.rstrip("/") if url else None,
+        token=env.str("INTERNAL_AUTH_TOKEN"),
+        connect_timeout=env.number("CALLBACK_CONNECT_TIMEOUT", float, 0.1, 300, "seconds from 0.1 to 300"),
+        timeout=env.number("CALLBACK_TIMEOUT", float, 0.1, 600, "seconds from 0.1 to 600"),
+        max_attempts=env.number("CALLBACK_MAX_ATTEMPTS", int, 1, 1000, "an integer from 1 to 1000"),
+        flush_timeout=env.number("CALLBACK_FLUSH_TIMEOUT", float, 0, 600, "seconds from 0 to 600"),
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Storage
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    bucket: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+_REFUSED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+            "AllAccessDisabled", "InvalidBucketName", "401", "Unauthorized"}
+
+
+class StorageNotFound(BadInput):
+    """The object or prefix does not exist."""
+
+
+class Storage:
+    """One client for the job's bucket: MinIO, R2, S3 through boto3, or a local folder."""
+
+    def __init__(self, settings: StorageSettings):
+        self.settings = settings
+        self.bucket = settings.bucket
+        self._s3 = None if settings.type == "local" else self._client(settings)
+
+    @staticmethod
+    def _client(s: StorageSettings):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if s.type == "minio" else "auto"},
+            retries={"max_attempts": s.max_attempts, "mode": "standard"},
+            connect_timeout=min(s.timeout, 10),
+            read_timeout=s.timeout,
+            # boto3 >= 1.36 sends CRC checksums by default, which R2 and older MinIO reject.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=s.endpoint, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key,
+            region_name=s.region, config=config)
+
+    # -- addressing -------------------------------------------------------------------------
+
+    def locate(self, ref: str) -> Location:
+        """`s3://bucket/key` or a key in the job's bucket."""
+        if ref.startswith("s3://"):
+            bucket, _, key = ref[5:].partition("/")
+            if not bucket or not key:
+                raise BadInput(f"{ref!r} is not an s3://bucket/key URI")
+            return Location(bucket, key)
+        key = ref.lstrip("/")
+        if not key or ".." in PurePosixPath(key).parts:
+            raise BadInput(f"{ref!r} is not a valid storage key")
+        return Location(self.bucket, key)
+
+    def uri(self, loc: Location) -> str:
+        if self.settings.type == "local":
+            return self._path(loc).as_uri()
+        return f"s3://{loc.bucket}/{loc.key}"
+
+    def _path(self, loc: Location) -> Path:
+        return self.settings.local_dir / loc.bucket / loc.key
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def head(self, loc: Location) -> ObjectInfo | None:
+        """Size and ETag of an object, None if it does not exist."""
+        if self._s3 is None:
+            path = self._path(loc)
+            if not path.is_file():
+                return None
+            st = path.stat()
+            return ObjectInfo(st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+        try:
+            with self._errors("look up", loc):
+                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key)
+        except StorageNotFound:
+            return None
+        return ObjectInfo(meta["ContentLength"], meta.get("ETag", "").strip('"'))
+
+    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None) -> Path:
+        """Download to dest atomically (a .part file renamed once its size is verified)."""
+        info = info or self.head(loc)
+        if info is None:
+            raise StorageNotFound(f"{self.uri(loc)} does not exist")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + f".part-{os.getpid()}")
+        LOGGER.info("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
+        start = time.monotonic()
+        try:
+            if self._s3 is None:
+                shutil.copyfile(self._path(loc), part)
+            else:
+                with self._errors("download", loc):
+                    self._s3.download_file(loc.bucket, loc.key, str(part))
+            got = part.stat().st_size
+            if got != info.size:
+                raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        LOGGER.info("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
+        return dest
+
+    def fetch(self, loc: Location, dest: Path) -> Path:
+        """Download unless dest already holds this exact object (same ETag), e.g. after a restart."""
+        info = self.head(loc)
+        if info is None:
+            raise StorageNotFound(f"{self.uri(loc)} does not exist")
+        stamp = dest.with_name(dest.name + ".etag")
+        if dest.is_file() and stamp.is_file() and stamp.read_text() == info.etag and dest.stat().st_size == info.size:
+            LOGGER.info("using cached %s for %s", dest, self.uri(loc))
+            return dest
+        self.download(loc, dest, info)
+        stamp.write_text(info.etag)
+        return dest
+
+    def upload(self, path: Path, loc: Location) -> str:
+        """Upload a file; readers see the old object or the whole new one, never a part."""
+        size = path.stat().st_size
+        LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
+        if self._s3 is None:
+            dest = self._path(loc)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + f".part-{os.getpid()}")
+            shutil.copyfile(path, part)
+            os.replace(part, dest)
+        else:
+            with self._errors("upload", loc):
+                self._s3.upload_file(str(path), loc.bucket, loc.key)
+        return self.uri(loc)
+
+    def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
+        """Every object under a prefix, across as many listing pages as it takes."""
+        if self._s3 is None:
+            root = self._path(Location(prefix.bucket, ""))
+            base = self._path(prefix)
+            folder = base if prefix.key.endswith("/") or base.is_dir() else base.parent
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                rel = path.relative_to(root).as_posix()
+                if path.is_file() and rel.startswith(prefix.key) and ".part-" not in path.name:
+                    yield Location(prefix.bucket, rel), ObjectInfo(path.stat().st_size, "")
+            return
+        paginator = self._s3.get_paginator("list_objects_v2")
+        with self._errors("list", prefix):
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for obj in page.get("Contents", []):
+                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], obj.get("ETag", "").strip('"'))
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, loc: Location):
+        """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        try:
+            yield
+        except ClientError as e:
+            code = str(e.response.get("Error", {}).get("Code", ""))
+            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            where = self.uri(loc)
+            if code in _NOT_FOUND or (status == "404" and code != "NoSuchBucket"):
+                raise StorageNotFound(f"{where} does not exist") from None
+            if code in _REFUSED or status in ("401", "403"):
+                raise BadInput(f"storage refused to {action} {where}: {code or status} "
+                               "(check the bucket name and the storage credentials)") from None
+            raise TransientError(f"storage failed to {action} {where}: {code or status}") from None
+        except BotoCoreError as e:
+            raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Backend callbacks
+# ----------------------------------------------------------------------------------------------
+
+RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+
+
+@dataclasses.dataclass
+class Event:
+    method: str
+    route: str
+    body: dict
+    attempts: int = 0
+
+
+class Backend:
+    """Sends the contract's callbacks from a background thread; never blocks or fails training.
+
+    Each event gets an `event_id` that stays the same across retries, is appended to a
+    JSON-lines event log, and is sent in order. Connection errors, timeouts, 408/429/5xx are
+    retried with exponential backoff and full jitter (honouring Retry-After); a 404 switches
+    the route off; other 4xx are logged once and dropped. Without CALLBACK_URL events are
+    only logged.
+    """
+
+    BACKOFF_BASE = 0.5
+    BACKOFF_CAP = 30.0
+
+    def __init__(self, settings: BackendSettings, redact: Redactor, event_log: Path | None = None):
+        self.settings = settings
+        self.redact = redact
+        self.event_log = event_log
+        self._queue: collections.deque[Event] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._deadline = math.inf
+        self._disabled_routes: set[str] = set()
+        self._warned: set[tuple[str, int]] = set()
+        self._session = None
+        self._thread = None
+        if settings.url:
+            self._thread = threading.Thread(target=self._run, name="callback-sender", daemon=True)
+            self._thread.start()
+
+    # -- the contract's routes ------------------------------------------------------------------
+
+    def status(self, status: str, progress: float, error: str | None = None, **extra) -> None:
+        body = {"status": status, "error": self.redact(error) if error else None,
+                "progress": round(max(0.0, min(100.0, progress)), 2), "updated_at": now_iso(), **extra}
+        self._emit("PATCH", "status", body)
+
+    def validation_results(self, epoch: int, total_epochs: int, metrics: dict, **extra) -> None:
+        self._emit("POST", "validation-results", {"epoch": epoch, "total_epochs": total_epochs, "metrics": metrics, **extra})
+
+    def metric(self, name: str, value: float, epoch: int, **extra) -> None:
+        self._emit("POST", "metrics", {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra})
+
+    def log(self, message: str, level: str = "INFO", epoch: int | None = None) -> None:
+        body = {"message": self.redact(message), "level": level, "timestamp": now_iso()}
+        if epoch is not None:
+            body["epoch"] = epoch
+        self._emit("POST", "logs", body)
+
+    def health(self) -> str | None:
+        """The backend's job_status, or None when it cannot tell (no URL, error, no route)."""
+        if not self.settings.url or "health" in self._disabled_routes:
+            return None
+        try:
+            response = self._http().get(f"{self.settings.url}/health", headers=self._headers(),
+                                        timeout=(self.settings.connect_timeout, self.settings.timeout))
+            if response.status_code == 404:
+                self._disable("health")
+                return None
+            return response.json().get("job_status") if response.ok else None
+        except Exception as e:  # never let a health check fail the job
+            LOGGER.debug("health check failed: %s", self.redact(e))
+            return None
+
+    # -- plumbing ---------------------------------------------------------------------------------
+
+    def _emit(self, method: str, route: str, body: dict) -> None:
+        body = {**body, "event_id": uuid.uuid4().hex}
+        self._append_event_log(method, route, body)
+        if not self.settings.url:
+            LOGGER.info("event %s %s: %s", method, route, json.dumps(body)[:500])
+            return
+        with self._cond:
+            self._queue.append(Event(method, route, body))
+            self._cond.notify()
+
+    def _append_event_log(self, method: str, route: str, body: dict) -> None:
+        if self.event_log is None:
+            return
+        try:
+            self.event_log.parent.mkdir(parents=True, exist_ok=True)
+            with self.event_log.open("a", encoding="utf-8") as f:
+                f.write(json.dumps({"method": method, "route": route, "body": body}) + "\n")
+        except OSError as e:
+            LOGGER.warning("cannot write event log %s: %s", self.event_log, e)
+
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json"}
+        if self.settings.token:
+            headers["X-Internal-Auth"] = self.settings.token
+        return headers
+
+    def _http(self):
+        if self._session is None:
+            import requests
+
+            self._session = requests.Session()
+        return self._session
+
+    def _disable(self, route: str) -> None:
+        if route not in self._disabled_routes:
+            self._disabled_routes.add(route)
+            LOGGER.warning("backend has no %s route (404): not sending to it again", route)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue or (self._closed and time.monotonic() >= self._deadline):
+                    return
+                event = self._queue[0]
+            delay = self._attempt(event)
+            with self._cond:
+                if delay is None:
+                    self._queue.popleft()
+                    continue
+                wake = time.monotonic() + delay
+                if self._closed:
+                    wake = min(wake, self._deadline)
+                # close() notifies, so a pending retry is tried once more before the deadline
+                self._cond.wait(timeout=max(0.0, wake - time.monotonic()))
+
+    def _attempt(self, event: Event) -> float | None:
+        """Send once. None when the event is done with (sent or given up), else seconds to wait."""
+        if event.route in self._disabled_routes:
+            return None
+        event.attempts += 1
+        retry_after = None
+        try:
+            response = self._http().request(
+                event.method, f"{self.settings.url}/{event.route}", json=event.body, headers=self._headers(),
+                timeout=(self.settings.connect_timeout, self.settings.timeout))
+            code = response.status_code
+            if code < 400:
+                return None
+            if code == 404:
+                self._disable(event.route)
+                return None
+            if code not in RETRY_STATUSES:
+                if (event.route, code) not in self._warned:
+                    self._warned.add((event.route, code))
+                    LOGGER.warning("backend rejected %s %s with %d: %s", event.method, event.route, code,
+                                   self.redact(response.text[:200]))
+                return None
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            problem = f"HTTP {code}"
+        except Exception as e:  # connection refused, timeout, DNS: all retryable
+            problem = type(e).__name__
+        if event.attempts >= self.settings.max_attempts:
+            LOGGER.warning("giving up on %s %s after %d attempts (%s)", event.method, event.route, event.attempts, problem)
+            return None
+        backoff = random.uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (event.attempts - 1)))
+        LOGGER.debug("%s %s failed (%s), retrying in %.1f s", event.method, event.route, problem, backoff)
+        return max(backoff, retry_after or 0.0)
+
+    def close(self, timeout: float | None = None) -> int:
+        """Flush what is queued for up to `timeout` seconds, then stop. Returns events left unsent."""
+        if self._thread is None:
+            return 0
+        timeout = self.settings.flush_timeout if timeout is None else timeout
+        with self._cond:
+            self._deadline = time.monotonic() + timeout
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        with self._cond:
+            left = len(self._queue)
+            self._queue.clear()
+            self._cond.notify_all()
+        if left:
+            LOGGER.warning("%d callback event(s) not delivered within %.0f s; they are in the event log", left, timeout)
+        return left
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return min(float(value), 300.0)
+    except ValueError:
+        try:
+            when = dt.datetime.strptime(value, "%a, %d %b %Y %H:%M:%S GMT").replace(tzinfo=dt.timezone.utc)
+            return max(0.0, min((when - dt.datetime.now(dt.timezone.utc)).total_seconds(), 300.0))
+        except ValueError:
+            return None
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Datasets and weights
+# ----------------------------------------------------------------------------------------------
+
+ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".dng", ".mpo", ".pfm", ".heic"}
+
+
+def archive_kind(name: str) -> str | None:
+    lower = name.lower()
+    return next((s for s in ARCHIVE_SUFFIXES if lower.endswith(s)), None)
+
+
+def extract_archive(archive: Path, dest: Path) -> Path:
+    """Extract a zip or tar archive into dest, refusing entries that would land outside it."""
+    dest.mkdir(parents=True, exist_ok=True)
+    root = dest.resolve()
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf:
+                for info in zf.infolist():
+                    target = _safe_target(root, info.filename)
+                    mode = info.external_attr >> 16
+                    if stat.S_ISLNK(mode):
+                        LOGGER.warning("skipping symbolic link %s in %s", info.filename, archive.name)
+                        continue
+                    if info.is_dir():
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with zf.open(info) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out, 1 << 20)
+        elif tarfile.is_tarfile(archive):
+            with tarfile.open(archive) as tf:
+                for member in tf:
+                    target = _safe_target(root, member.name)
+                    if member.isdir():
+                        target.mkdir(parents=True, exist_ok=True)
+                    elif member.isfile():
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        with tf.extractfile(member) as src, open(target, "wb") as out:
+                            shutil.copyfileobj(src, out, 1 << 20)
+                    else:
+                        LOGGER.warning("skipping %s in %s: not a regular file", member.name, archive.name)
+        else:
+            raise BadInput(f"{archive.name} is not a zip or tar archive")
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+        raise BadInput(f"{archive.name} is corrupt or truncated: {e}") from None
+    return dest
+
+
+def _safe_target(root: Path, name: str) -> Path:
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
+        raise BadInput(f"archive entry {name!r} has an absolute path")
+    target = (root / name).resolve()
+    if target != root and root not in target.parents:
+        raise BadInput(f"archive entry {name!r} points outside the dataset folder")
+    return target
+
+
+def find_dataset_root(folder: Path) -> Path:
+    """The folder holding data.yaml (or train/ for classification): folder itself or its one top folder."""
+    candidates = [folder]
+    children = [p for p in folder.iterdir() if not p.name.startswith((".", "__MACOSX"))]
+    if len(children) == 1 and children[0].is_dir():
+        candidates.append(children[0])
+    for c in candidates:
+        if any((c / n).is_file() for n in ("data.yaml", "data.yml")):
+            return c
+    for c in candidates:
+        if (c / "train").is_dir():
+            return c
+    raise BadInput("the dataset has no data.yaml (at its root or in its one top folder) "
+                   "and no train/ folder for classification")
+
+
+def resolve_data_yaml(root: Path, out: Path) -> tuple[Path, dict]:
+    """Rewrite root's data.yaml with absolute paths into out, so Ultralytics never looks elsewhere.
+
+    Returns the written file and its content.
+    """
+    import yaml
+
+    src = next(root / n for n in ("data.yaml", "data.yml") if (root / n).is_file())
+    try:
+        data = yaml.safe_load(src.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise BadInput(f"{src.name} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise BadInput(f"{src.name} must be a mapping with train, val and names")
+    missing = [k for k in ("train", "val") if not data.get(k)]
+    if missing:
+        raise BadInput(f"{src.name} has no {' or '.join(missing)} entry")
+    if data.get("names") is None and data.get("nc") is None:
+        raise BadInput(f"{src.name} has neither names nor nc")
+    base = _dataset_base(root, data.get("path"))
+    for split in ("train", "val", "test", "minival"):
+        if data.get(split):
+            data[split] = _rebase(base, root, data[split], split)
+    data["path"] = str(base)
+    data.pop("download", None)  # never let Ultralytics fetch anything
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
+    return out, data
+
+
+def _dataset_base(root: Path, path: Any) -> Path:
+    """data.yaml's `path`, resolved against the extracted folder whatever machine wrote it."""
+    if not path or not isinstance(path, str):
+        return root
+    p = Path(path)
+    if not p.is_absolute():
+        candidate = (root / p).resolve()
+        return candidate if candidate.is_dir() and (candidate == root or root in candidate.parents) else root
+    return root  # an absolute path from the exporting machine means nothing here
+
+
+def _rebase(base: Path, root: Path, value: Any, split: str) -> Any:
+    if isinstance(value, list):
+        return [_rebase(base, root, v, split) for v in value]
+    if not isinstance(value, str):
+        raise BadInput(f"data.yaml {split} must be a path or a list of paths")
+    p = Path(value)
+    if p.is_absolute():
+        # Written on another machine: keep the tail that exists here (…/images/train -> root/images/train).
+        for i in range(len(p.parts)):
+            candidate = root.joinpath(*p.parts[i + 1:])
+            if p.parts[i + 1:] and candidate.exists():
+                return str(candidate)
+        raise BadInput(f"data.yaml {split}: {value} does not exist inside the dataset")
+    target = (base / value).resolve()
+    if not target.exists() and value.startswith("../"):
+        target = (base / value[3:]).resolve()
+    if target != root and root not in target.parents:
+        raise BadInput(f"data.yaml {split}: {value} points outside the dataset")
+    if not target.exists():
+        raise BadInput(f"data.yaml {split}: {value} does not exist in the dataset")
+    return str(target)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Ultralytics set-up
+# ----------------------------------------------------------------------------------------------
+
+
+def prepare_ultralytics(work_dir: Path) -> None:
+    """Keep Ultralytics offline and inside the work folder; call before importing ultralytics.
+
+    Its settings file lives in YOLO_CONFIG_DIR (default: the work folder), analytics and its
+    own MLflow callback are off (the trainer owns the MLflow run), and the fonts it would
+    download for plots are provided from matplotlib's bundled DejaVu Sans.
+    """
+    os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_CONFIG_DIR", str(work_dir / "ultralytics"))
+    config_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
+    config_dir.mkdir(parents=True, exist_ok=True)
+    import matplotlib
+
+    font = Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+    for name in ("Arial.ttf", "Arial.Unicode.ttf"):
+        if not (config_dir / name).exists() and font.is_file():
+            shutil.copyfile(font, config_dir / name)
+
+    from ultralytics import settings
+    from ultralytics.utils import LOGGER as UL_LOGGER
+
+    settings.update({
+        "sync": False, "mlflow": False, "clearml": False, "comet": False, "dvc": False, "wandb": False,
+        "tensorboard": False, "raytune": False, "datasets_dir": str(work_dir / "datasets"),
+        "weights_dir": str(work_dir / "weights"), "runs_dir": str(work_dir / "runs"),
+    })
+    UL_LOGGER.handlers.clear()  # route Ultralytics' messages through our stderr handler and redaction
+    UL_LOGGER.propagate = True
+
+
+def available_cpus() -> int:
+    """CPUs this process may use: affinity, then the cgroup quota a Kubernetes limit sets."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.floor(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return cpus
