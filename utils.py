@@ -678,20 +678,24 @@ class Storage:
     @contextlib.contextmanager
     def _errors(self, action: str, loc: Location):
         """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
+        from boto3.exceptions import S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             yield
-        except ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = str(e.response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+        except (ClientError, S3UploadFailedError) as e:
+            # upload_file wraps the ClientError that says what went wrong
+            error = e if isinstance(e, ClientError) else e.__context__
+            response = error.response if isinstance(error, ClientError) else {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
             where = self.uri(loc)
             if code in _NOT_FOUND or (status == "404" and code != "NoSuchBucket"):
                 raise StorageNotFound(f"{where} does not exist") from None
             if code in _REFUSED or status in ("401", "403"):
                 raise BadInput(f"storage refused to {action} {where}: {code or status} "
                                "(check the bucket name and the storage credentials)") from None
-            raise TransientError(f"storage failed to {action} {where}: {code or status}") from None
+            raise TransientError(f"storage failed to {action} {where}: {code or status or e}") from None
         except BotoCoreError as e:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
 
@@ -1020,14 +1024,16 @@ def _rebase(base: Path, root: Path, value: Any, split: str) -> Any:
         return [_rebase(base, root, v, split) for v in value]
     if not isinstance(value, str):
         raise BadInput(f"data.yaml {split} must be a path or a list of paths")
-    p = Path(value)
-    if p.is_absolute():
-        # Written on another machine: keep the tail that exists here (…/images/train -> root/images/train).
-        for i in range(len(p.parts)):
-            candidate = root.joinpath(*p.parts[i + 1:])
-            if p.parts[i + 1:] and candidate.exists():
+    if re.match(r"^([A-Za-z]:)?[\\/]", value):
+        # Written on another machine (POSIX or Windows): keep the longest tail that exists here,
+        # e.g. /home/alice/shapes/images/train -> <dataset>/images/train.
+        parts = [p for p in re.split(r"[\\/]+", value) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+        for i in range(len(parts)):
+            candidate = root.joinpath(*parts[i:])
+            if ".." not in parts[i:] and candidate.exists():
                 return str(candidate)
         raise BadInput(f"data.yaml {split}: {value} does not exist inside the dataset")
+    value = value.replace("\\", "/")
     target = (base / value).resolve()
     if not target.exists() and value.startswith("../"):
         target = (base / value[3:]).resolve()

@@ -1,0 +1,118 @@
+"""Dataset archives: safe extraction, finding data.yaml, rewriting its paths."""
+
+from __future__ import annotations
+
+import io
+import os
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.sample_data import make_dataset, make_zip
+from utils import BadInput, extract_archive, find_dataset_root, resolve_data_yaml
+
+
+@pytest.fixture(scope="module")
+def detect_folder(tmp_path_factory) -> Path:
+    return make_dataset(tmp_path_factory.mktemp("src") / "shapes", "detect", n_train=4, n_val=2)
+
+
+def test_zip_with_one_top_folder_is_found_and_paths_made_absolute(detect_folder, tmp_path):
+    archive = make_zip(detect_folder, tmp_path / "d.zip", top="export-2024")
+    out = extract_archive(archive, tmp_path / "x")
+    root = find_dataset_root(out)
+    assert root == out / "export-2024"
+    written, data = resolve_data_yaml(root, tmp_path / "job" / "data.yaml")
+    assert data["path"] == str(root)
+    assert data["train"] == str(root / "images" / "train") and data["val"] == str(root / "images" / "val")
+    assert yaml.safe_load(written.read_text()) == data
+
+
+def test_absolute_paths_from_the_exporting_machine_are_rebased(detect_folder, tmp_path):
+    folder = tmp_path / "ds"
+    make_dataset(folder, "detect", n_train=2, n_val=1)
+    (folder / "data.yaml").write_text(
+        "path: /home/alice/datasets/shapes\ntrain: /home/alice/datasets/shapes/images/train\n"
+        "val: C:/Users/alice/shapes/images/val\nnames: [a, b]\ndownload: https://example.com/x.zip\n")
+    _, data = resolve_data_yaml(folder, tmp_path / "data.yaml")
+    assert data["train"] == str(folder / "images" / "train")
+    assert data["val"] == str(folder / "images" / "val")
+    assert "download" not in data
+
+
+def test_list_of_train_folders_is_rewritten(tmp_path):
+    folder = make_dataset(tmp_path / "ds", "detect", n_train=2, n_val=1)
+    (folder / "data.yaml").write_text("train: [images/train, images/val]\nval: images/val\nnames: {0: a, 1: b}\n")
+    _, data = resolve_data_yaml(folder, tmp_path / "data.yaml")
+    assert data["train"] == [str(folder / "images" / "train"), str(folder / "images" / "val")]
+
+
+@pytest.mark.parametrize("content,message", [
+    ("train: images/train\nnames: [a]\n", "no val entry"),
+    ("train: images/train\nval: images/val\n", "neither names nor nc"),
+    ("train: ../../../etc\nval: images/val\nnames: [a]\n", "points outside the dataset"),
+    ("train: images/nope\nval: images/val\nnames: [a]\n", "does not exist"),
+    ("train: [unclosed\n", "not valid YAML"),
+    ("- a\n- b\n", "must be a mapping"),
+])
+def test_broken_data_yaml_is_a_clear_bad_input(tmp_path, content, message):
+    folder = make_dataset(tmp_path / "ds", "detect", n_train=1, n_val=1)
+    (folder / "data.yaml").write_text(content)
+    with pytest.raises(BadInput, match=message):
+        resolve_data_yaml(folder, tmp_path / "data.yaml")
+
+
+def test_archive_without_data_yaml_or_train_folder_is_bad_input(tmp_path):
+    (tmp_path / "x" / "a" / "b").mkdir(parents=True)
+    (tmp_path / "x" / "readme.txt").write_text("hi")
+    with pytest.raises(BadInput, match="no data.yaml"):
+        find_dataset_root(tmp_path / "x")
+
+
+def test_classification_folder_is_found(tmp_path):
+    folder = make_dataset(tmp_path / "c" / "top", "classify", n_train=4, n_val=2)
+    assert find_dataset_root(tmp_path / "c") == folder
+
+
+def test_tar_gz_is_extracted(detect_folder, tmp_path):
+    archive = tmp_path / "d.tar.gz"
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(detect_folder, arcname="shapes")
+    out = extract_archive(archive, tmp_path / "x")
+    assert (find_dataset_root(out) / "data.yaml").is_file()
+
+
+@pytest.mark.parametrize("name", ["../evil.txt", "/abs/evil.txt", "a/../../evil.txt", "C:/evil.txt"])
+def test_zip_entries_escaping_the_folder_are_refused(tmp_path, name):
+    archive = tmp_path / "evil.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(name, "pwned")
+    with pytest.raises(BadInput, match="outside|absolute"):
+        extract_archive(archive, tmp_path / "x")
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_tar_symlink_is_skipped_not_followed(tmp_path):
+    archive = tmp_path / "links.tar"
+    with tarfile.open(archive, "w") as tf:
+        info = tarfile.TarInfo("data/link")
+        info.type, info.linkname = tarfile.SYMTYPE, "/etc/passwd"
+        tf.addfile(info)
+        payload = b"ok"
+        info = tarfile.TarInfo("data/file.txt")
+        info.size = len(payload)
+        tf.addfile(info, io.BytesIO(payload))
+    out = extract_archive(archive, tmp_path / "x")
+    assert (out / "data" / "file.txt").read_bytes() == b"ok"
+    assert not os.path.lexists(out / "data" / "link")
+
+
+def test_truncated_archive_is_bad_input(detect_folder, tmp_path):
+    archive = make_zip(detect_folder, tmp_path / "d.zip")
+    data = archive.read_bytes()
+    archive.write_bytes(data[: len(data) // 2])
+    with pytest.raises(BadInput, match="corrupt|not a zip"):
+        extract_archive(archive, tmp_path / "x")
