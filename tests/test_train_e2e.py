@@ -9,12 +9,13 @@ from __future__ import annotations
 import io
 import json
 import math
+import re
 import uuid
 
 import pytest
 import torch
 
-from tests.conftest import FAST_TRAINING, SECRETS, Receiver, run_entry, storage_env
+from tests.conftest import FAST_TRAINING, ROOT, SECRETS, Receiver, run_entry, storage_env
 
 EPOCHS = 3
 
@@ -35,11 +36,13 @@ def job(s3_server, s3, mlflow_server, dataset_zip, tmp_path_factory):
         "CALLBACK_URL": receiver.url(job_id), "INTERNAL_AUTH_TOKEN": SECRETS[2],
         "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": experiment,
         "WORK_DIR": str(folder / "work"),
+        # records any attempt to reach a non-loopback host (tests/netguard/sitecustomize.py)
+        "PYTHONPATH": str(ROOT / "tests" / "netguard"), "NETGUARD_LOG": str(folder / "net.log"),
     }
     result = run_entry("train.py", env, cwd=folder, timeout=600)
     receiver.stop()
     yield {"result": result, "receiver": receiver, "bucket": bucket, "job_id": job_id, "experiment": experiment,
-           "mlflow": mlflow_server, "s3": s3, "work": folder / "work"}
+           "mlflow": mlflow_server, "s3": s3, "work": folder / "work", "net_log": folder / "net.log"}
 
 
 def test_exits_zero_and_reports_running_then_completed(job):
@@ -157,3 +160,67 @@ def test_configuration_is_logged_once_with_secrets_masked(job):
     assert config["storage"]["secret_key"] == "***" and config["storage"]["access_key"] == "***"
     assert config["backend"]["token"] == "***"
     assert config["epochs"] == EPOCHS
+
+
+def test_runs_offline_without_any_outside_connection_attempt(job):
+    assert job["result"].returncode == 0
+    attempts = job["net_log"].read_text() if job["net_log"].exists() else ""
+    assert attempts == "", attempts  # no font, weights, analytics or DNS look-up outside loopback
+
+
+# ------------------------------------------------------------------------------------------
+# Failure paths and pretrained weights (each a short run of its own)
+# ------------------------------------------------------------------------------------------
+
+
+def base_env(s3_server, bucket, receiver, tmp_path, **extra) -> dict:
+    job_id = f"f{uuid.uuid4().hex[:6]}"
+    return {**storage_env(s3_server, bucket), **FAST_TRAINING, "JOB_ID": job_id, "DATASET_ID": "ds",
+            "MODEL_NAME": "yolo11n.yaml", "CALLBACK_URL": receiver.url(job_id), "INTERNAL_AUTH_TOKEN": SECRETS[2],
+            "WORK_DIR": str(tmp_path / "work"), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'ml.db'}", **extra}
+
+
+def test_invalid_configuration_exits_2_and_reports_failed(s3_server, bucket, receiver, tmp_path):
+    env = base_env(s3_server, bucket, receiver, tmp_path, EPOCHS="0", TRAIN_ARGS='{"data": "x"}')
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    (final,) = receiver.bodies("status")  # no "running": the job never started
+    assert final["status"] == "failed" and final["exit_code"] == 2
+    assert "EPOCHS=0 is out of range" in final["error"] and "TRAIN_ARGS may not set 'data'" in final["error"]
+
+
+def test_missing_dataset_exits_2_naming_the_object(s3_server, bucket, receiver, tmp_path):
+    env = base_env(s3_server, bucket, receiver, tmp_path, DATASET_ID="absent")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    statuses = receiver.bodies("status")
+    assert [s["status"] for s in statuses] == ["running", "failed"]
+    assert statuses[-1]["error"] == f"dataset s3://{bucket}/datasets/absent.zip does not exist"
+    assert statuses[-1]["exit_code"] == 2
+
+
+def test_pretrained_name_without_weights_is_a_clear_bad_input(s3_server, s3, bucket, receiver, dataset_zip, tmp_path):
+    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
+    env = base_env(s3_server, bucket, receiver, tmp_path, MODEL_NAME="yolo11n", WEIGHTS_DOWNLOAD="false")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    error = receiver.bodies("status")[-1]["error"]
+    assert error.startswith(f"pretrained weights yolo11n.pt not found: not in s3://{bucket}/models/yolo11n.pt")
+    assert "Traceback" not in result.stderr
+
+
+def test_pretrained_name_trains_from_the_weights_in_storage(s3_server, s3, bucket, receiver, dataset_zip, tmp_path):
+    from ultralytics import YOLO
+
+    weights = tmp_path / "yolo11n.pt"
+    YOLO("yolo11n.yaml").save(str(weights))  # stands in for the released weights an operator uploads
+    s3.upload_file(str(weights), bucket, "models/yolo11n.pt")
+    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
+    env = base_env(s3_server, bucket, receiver, tmp_path, MODEL_NAME="yolo11n", WEIGHTS_DOWNLOAD="false",
+                   EPOCHS="1", TRAIN_ARGS='{"plots": false}')
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"downloading s3://{bucket}/models/yolo11n.pt" in result.stderr
+    moved, total = map(int, re.search(r"Transferred (\d+)/(\d+) items from pretrained", result.stderr).groups())
+    assert moved >= 0.95 * total  # loaded, not re-initialised (only the 80-class head differs from 2 classes)
+    assert receiver.bodies("status")[-1]["status"] == "completed"
