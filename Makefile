@@ -36,7 +36,7 @@ demo: venv
 	@echo "  predictions:             $(DEMO)/predictions.json ($$($(PY) -c 'import json;print(json.load(open("$(DEMO)/predictions.json"))["count"])') images, $$($(PY) -c 'import json;print(sum(len(p["detections"]) for p in json.load(open("$(DEMO)/predictions.json"))["predictions"]))') detections)"
 
 bench: venv
-	$(PY) -m bench.run
+	$(PY) -m bench.predict_bench
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

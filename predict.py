@@ -1,21 +1,32 @@
 """Run a trained YOLO checkpoint on images and print the results as one JSON document.
 
-The backend runs it as a subprocess and parses its standard output; logs go to standard
-error. Configuration comes from the environment (and ./.env for hand runs):
+The backend runs it as a subprocess and parses its standard output; every log line goes to
+standard error. Configuration comes from the environment (and ./.env for hand runs):
 
     CHECKPOINT_URI=s3://bucket/checkpoints/job-7/best.pt INPUT_URI=s3://bucket/images/ python predict.py
     JOB_ID=7 INPUT_URI=photo.jpg STORAGE_TYPE=local python predict.py > predictions.json
 
-Output: {"predictions": [{"image", "width", "height", "detections": [...]}, ...], "count": N}
+Output: {"predictions": [{"image", "width", "height", "detections": [...]}, ...], "count": N, ...}
+
+Images are listed lazily (storage listings page by page), downloaded and decoded by a pool
+of threads ahead of the model, run in batches, and each result is written to a spool file at
+once, so memory stays flat however many images there are. The document is printed only
+when every image has been handled; on failure stdout stays empty and the exit code says why.
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import functools
 import json
 import logging
 import os
 import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable, Iterator
 
 from dotenv import load_dotenv
 
@@ -24,18 +35,30 @@ from utils import (
     EXIT_OK,
     IMAGE_SUFFIXES,
     BadInput,
-    ConfigError,
     Redactor,
     Settings,
     Storage,
     StorageNotFound,
     TrainerError,
+    available_cpus,
+    default_device,
     load_settings,
     prepare_ultralytics,
     setup_logging,
 )
 
 LOGGER = logging.getLogger("trainer.predict")
+
+
+@dataclasses.dataclass(frozen=True)
+class InputImage:
+    name: str  # how the output names it: the local path or the s3:// URI
+    read: Callable[[], bytes]
+
+
+# ----------------------------------------------------------------------------------------------
+# Steps
+# ----------------------------------------------------------------------------------------------
 
 
 def fetch_checkpoint(storage: Storage, settings: Settings) -> Path:
@@ -51,85 +74,238 @@ def fetch_checkpoint(storage: Storage, settings: Settings) -> Path:
         raise BadInput(f"checkpoint not found: {storage.uri(loc)}") from None
 
 
-def gather_inputs(storage: Storage, settings: Settings) -> list[Path]:
-    """Local image files for INPUT_URI: a local file or folder, or a storage object or prefix."""
-    ref = settings.input_uri
-    local = Path(ref).expanduser()
-    if not ref.startswith("s3://") and local.exists():
-        files = [local] if local.is_file() else sorted(p for p in local.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    else:
-        loc = storage.locate(ref)
-        folder = settings.work_dir / "inputs" / loc.bucket
-        if ref.endswith("/"):
-            objects = [o for o, _ in storage.list(loc) if Path(o.key).suffix.lower() in IMAGE_SUFFIXES]
-            files = [storage.download(o, folder / o.key) for o in objects]
-        else:
-            files = [storage.download(loc, folder / loc.key)]
-    if not files:
-        raise BadInput(f"INPUT_URI={ref}: no images found")
-    return files
-
-
-def predict(weights: Path, files: list[Path], settings: Settings) -> list[dict]:
+def load_model(weights: Path, settings: Settings):
     from ultralytics import YOLO
 
     try:
         model = YOLO(str(weights))
     except Exception as e:
-        raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {e}") from None
-    out = []
-    for path in files:
-        for result in model.predict(str(path), conf=settings.conf, iou=settings.iou, imgsz=settings.imgsz,
-                                    device=settings.device or None, stream=True, verbose=False):
-            out.append(describe_result(result, str(path)))
-    return out
+        raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {str(e).splitlines()[0][:300]}") from None
+    if settings.task and model.task != settings.task:
+        raise BadInput(f"TASK_TYPE is {settings.task} but {weights.name} is a {model.task} model")
+    LOGGER.info("loaded %s: %s model, %d classes", weights.name, model.task, len(model.names))
+    return model
+
+
+def list_inputs(storage: Storage, settings: Settings) -> Iterator[InputImage]:
+    """The images of INPUT_URI, lazily: a local file or folder, a storage object, or a prefix."""
+    ref = settings.input_uri
+    local = Path(ref).expanduser()
+    if not ref.startswith("s3://") and local.exists():
+        paths = [local] if local.is_file() else (p for p in sorted(local.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        for path in paths:
+            yield InputImage(str(path), path.read_bytes)
+        return
+    loc = storage.locate(ref)
+    if ref.endswith("/"):
+        for obj, _ in storage.list(loc):
+            if Path(obj.key).suffix.lower() in IMAGE_SUFFIXES:
+                yield InputImage(storage.uri(obj), functools.partial(storage.read_bytes, obj))
+        return
+    if storage.head(loc) is None:
+        raise BadInput(f"INPUT_URI={ref}: no such local file or folder, and no storage object {storage.uri(loc)}")
+    yield InputImage(storage.uri(loc), functools.partial(storage.read_bytes, loc))
+
+
+def decode(item: InputImage):
+    """(image as a BGR array, None) or (None, why it could not be read)."""
+    import cv2
+    import numpy as np
+
+    data = item.read()
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    if image is None:
+        return None, "cannot decode the image (corrupt, empty or not an image format)"
+    return image, None
+
+
+def load_ahead(inputs: Iterator[InputImage], workers: int, window: int):
+    """Download and decode up to `window` images ahead of the consumer, in input order."""
+    with ThreadPoolExecutor(workers, thread_name_prefix="load") as pool:
+        pending: collections.deque = collections.deque()
+        for item in inputs:
+            pending.append((item, pool.submit(decode, item)))
+            if len(pending) >= window:
+                item, future = pending.popleft()
+                yield item, *future.result()
+        while pending:
+            item, future = pending.popleft()
+            yield item, *future.result()
+
+
+def batched(iterable, size: int):
+    batch = []
+    for x in iterable:
+        batch.append(x)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def predict_batch(model, batch: list, settings: Settings, device: str):
+    """Run one batch; yields (input, result or None, error or None) in input order."""
+    arrays = [image for _, image, _ in batch if image is not None]
+    results = iter(model.predict(arrays, stream=True, conf=settings.conf, iou=settings.iou, imgsz=settings.imgsz,
+                                 max_det=settings.max_det, device=device, half=device != "cpu",
+                                 batch=len(arrays), verbose=False) if arrays else ())
+    for item, image, error in batch:
+        yield item, (next(results) if image is not None else None), error
 
 
 def describe_result(result, image: str) -> dict:
-    """One image's results in the contract's shape."""
+    """One image's results in the contract's shape, with the task's extra fields."""
     height, width = result.orig_shape
     entry = {"image": image, "width": int(width), "height": int(height), "detections": []}
     names = result.names
-    if result.probs is not None:
-        top = result.probs.top5
-        entry["classifications"] = [{"class_id": int(i), "class_name": names[int(i)],
-                                     "confidence": round(float(result.probs.data[int(i)]), 5)} for i in top]
+    if result.probs is not None:  # classification
+        probs = result.probs
+        entry["classifications"] = [{"class_id": int(i), "class_name": names[int(i)], "confidence": _conf(c)}
+                                    for i, c in zip(probs.top5, probs.top5conf.tolist())]
         return entry
-    boxes = result.boxes if result.boxes is not None else []
-    for box in boxes:
-        x1, y1, x2, y2 = (round(float(v), 2) for v in box.xyxy[0])
-        cls = int(box.cls[0])
-        entry["detections"].append({"class_id": cls, "class_name": names[cls],
-                                    "confidence": round(float(box.conf[0]), 5),
-                                    "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}})
+    obb = result.obb is not None
+    boxes = result.obb if obb else result.boxes
+    if boxes is None or len(boxes) == 0:
+        return entry
+    xyxy, conf, cls = boxes.xyxy.tolist(), boxes.conf.tolist(), boxes.cls.int().tolist()
+    masks = result.masks.xy if result.masks is not None else None
+    keypoints = result.keypoints.data.tolist() if result.keypoints is not None else None
+    for i in range(len(cls)):
+        # clipped to the image: a rotated box's corners may lie outside it, its axis-aligned box may not
+        x1, x2 = (_px(min(max(v, 0.0), width)) for v in (xyxy[i][0], xyxy[i][2]))
+        y1, y2 = (_px(min(max(v, 0.0), height)) for v in (xyxy[i][1], xyxy[i][3]))
+        d = {"class_id": cls[i], "class_name": names[cls[i]], "confidence": _conf(conf[i]),
+             "box": {"x1": x1, "y1": y1, "x2": x2, "y2": y2}}
+        if masks is not None:
+            d["polygon"] = [[_px(x), _px(y)] for x, y in masks[i].tolist()]
+        if keypoints is not None:
+            d["keypoints"] = [{"x": _px(k[0]), "y": _px(k[1]), "confidence": _conf(k[2]) if len(k) > 2 else None}
+                              for k in keypoints[i]]
+        if obb:
+            cx, cy, w, h, angle = boxes.xywhr[i].tolist()
+            d["rotated_box"] = {"cx": _px(cx), "cy": _px(cy), "width": _px(w), "height": _px(h),
+                                "angle": round(angle, 5), "points": [[_px(x), _px(y)] for x, y in boxes.xyxyxyxy[i].tolist()]}
+        entry["detections"].append(d)
     return entry
+
+
+def _px(v: float) -> float:
+    return round(float(v), 2)
+
+
+def _conf(v: float) -> float:
+    return round(min(max(float(v), 0.0), 1.0), 5)
+
+
+class Spool:
+    """Collects one JSON line per image on disk and uploads annotated images in the background."""
+
+    def __init__(self, folder: Path, storage: Storage, settings: Settings):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.path = folder / "predictions.jsonl"
+        self.file = self.path.open("w", encoding="utf-8")
+        self.storage = storage
+        self.prefix = settings.predict_output_uri if settings.predict_save_images else None
+        self.uploads = ThreadPoolExecutor(4, thread_name_prefix="upload") if self.prefix else None
+        self.pending: collections.deque = collections.deque()
+        self.count = self.failed = 0
+
+    def add(self, item: InputImage, result, error: str | None) -> None:
+        if result is None:
+            entry = {"image": item.name, "width": None, "height": None, "detections": [], "error": error}
+            self.failed += 1
+            LOGGER.warning("%s: %s", item.name, error)
+        else:
+            entry = describe_result(result, item.name)
+            if self.uploads:
+                loc = self.storage.locate(f"{self.prefix}images/{self.count:06d}-{Path(item.name).name}")
+                entry["annotated_image"] = self.storage.uri(loc)
+                self._upload(result.plot(), loc)
+        self.file.write(json.dumps(entry) + "\n")
+        self.count += 1
+
+    def _upload(self, image, loc) -> None:
+        import cv2
+
+        data = cv2.imencode(".jpg", image)[1].tobytes()
+        self.pending.append(self.uploads.submit(self.storage.put_bytes, data, loc, "image/jpeg"))
+        while len(self.pending) > 16:  # bounded: memory stays flat if storage is slower than the model
+            self.pending.popleft().result()
+
+    def close(self) -> None:
+        self.file.close()
+        if self.uploads:
+            for future in self.pending:
+                future.result()
+            self.uploads.shutdown()
+
+
+def run_predictions(model, inputs: Iterator[InputImage], spool: Spool, settings: Settings) -> None:
+    device = settings.device or default_device()
+    workers = settings.workers if settings.workers else max(2, min(8, 2 * available_cpus()))
+    started, reported = time.monotonic(), 0
+    for batch in batched(load_ahead(inputs, workers, 2 * settings.predict_batch), settings.predict_batch):
+        for item, result, error in predict_batch(model, batch, settings, device):
+            spool.add(item, result, error)
+        if spool.count - reported >= 500:
+            reported = spool.count
+            LOGGER.info("%d images done (%.1f images/s)", spool.count, spool.count / (time.monotonic() - started))
+    spool.close()
+    if spool.count == 0:
+        raise BadInput(f"INPUT_URI={settings.input_uri}: no images found")
+    LOGGER.info("%d images in %.1f s, %d unreadable", spool.count, time.monotonic() - started, spool.failed)
+
+
+def write_document(spool: Spool, out, extra: dict) -> None:
+    """Stream {"predictions": [...], "count": N, ...} from the spool file to out."""
+    out.write('{"predictions": [')
+    with spool.path.open(encoding="utf-8") as lines:
+        for i, line in enumerate(lines):
+            out.write(", " if i else "")
+            out.write(line.rstrip("\n"))
+    out.write("], " + json.dumps({"count": spool.count, **extra})[1:] + "\n")
+
+
+def save_document(storage: Storage, spool: Spool, settings: Settings, extra: dict) -> str:
+    """Write the same document to {PREDICT_OUTPUT_URI}predictions.json."""
+    path = spool.path.with_name("predictions.json")
+    with path.open("w", encoding="utf-8") as f:
+        write_document(spool, f, extra)
+    return storage.upload(path, storage.locate(settings.predict_output_uri + "predictions.json"))
+
+
+# ----------------------------------------------------------------------------------------------
+# main
+# ----------------------------------------------------------------------------------------------
 
 
 def main() -> int:
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)
-    json_out = os.fdopen(os.dup(1), "w")  # stdout is for the JSON only; everything else goes to stderr
-    os.dup2(2, 1)
+    json_out = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout, kept for the document
+    os.dup2(2, 1)  # anything else that prints (Ultralytics, C libraries) lands on stderr
     sys.stdout = sys.stderr
     try:
         settings = load_settings(os.environ, "predict")
+        LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
-        weights = fetch_checkpoint(storage, settings)
-        files = gather_inputs(storage, settings)
-        predictions = predict(weights, files, settings)
-    except ConfigError as e:
-        LOGGER.error("%s", e)
-        return e.exit_code
+        model = load_model(fetch_checkpoint(storage, settings), settings)
+        spool = Spool(settings.work_dir / "predict" / f"{os.getpid()}-{int(time.time())}", storage, settings)
+        run_predictions(model, list_inputs(storage, settings), spool, settings)
+        extra = {"failed": spool.failed, "task": model.task}
+        if settings.predict_output_uri:
+            extra["output_uri"] = storage.uri(storage.locate(settings.predict_output_uri))
+            LOGGER.info("predictions saved to %s", save_document(storage, spool, settings, extra))
     except TrainerError as e:
         LOGGER.error("prediction failed (exit %d): %s", e.exit_code, redact(e))
         return e.exit_code
     except Exception as e:
         LOGGER.error("prediction failed: %s", redact(f"{type(e).__name__}: {e}"), exc_info=True)
         return EXIT_ERROR
-    json.dump({"predictions": predictions, "count": len(predictions)}, json_out)
-    json_out.write("\n")
+    write_document(spool, json_out, extra)
     json_out.flush()
     return EXIT_OK
 

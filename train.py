@@ -45,6 +45,7 @@ from utils import (
     archive_kind,
     available_cpus,
     backend_settings,
+    default_device,
     extract_archive,
     find_dataset_root,
     load_settings,
@@ -384,7 +385,7 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
         model.add_callback(event, hook)
     save_dir = job_dir(settings) / "train"
     shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
-    device = settings.device or _default_device()
+    device = settings.device or default_device()
     args = {
         **settings.train_args,
         "data": str(data),
@@ -409,12 +410,6 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
             raise BadInput(str(e).splitlines()[0]) from None
         raise
     return model.trainer
-
-
-def _default_device() -> str:
-    import torch
-
-    return "0" if torch.cuda.is_available() else "cpu"
 
 
 def upload_outputs(storage: Storage, settings: Settings, trainer) -> dict:

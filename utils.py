@@ -122,6 +122,10 @@ ENV_VARS: dict[str, str] = {
     "INPUT_URI": "",
     "CONF_THRESHOLD": "0.25",
     "IOU_THRESHOLD": "0.7",
+    "MAX_DET": "300",
+    "PREDICT_BATCH": "16",
+    "PREDICT_OUTPUT_URI": "",
+    "PREDICT_SAVE_IMAGES": "true",
 }
 
 
@@ -284,6 +288,10 @@ class Settings:
     input_uri: str | None
     conf: float
     iou: float
+    max_det: int
+    predict_batch: int
+    predict_output_uri: str | None  # storage prefix for predictions.json and annotated images
+    predict_save_images: bool
     storage: StorageSettings
     backend: BackendSettings
 
@@ -438,6 +446,10 @@ def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
         input_uri=input_uri,
         conf=env.number("CONF_THRESHOLD", float, 0, 1, "a number from 0 to 1"),
         iou=env.number("IOU_THRESHOLD", float, 0, 1, "a number from 0 to 1"),
+        max_det=env.number("MAX_DET", int, 1, 100_000, "an integer >= 1"),
+        predict_batch=env.number("PREDICT_BATCH", int, 1, 4096, "an integer from 1 to 4096"),
+        predict_output_uri=_output_prefix(env),
+        predict_save_images=env.flag("PREDICT_SAVE_IMAGES"),
         storage=_storage_settings(env),
         backend=backend_settings(env),
     )
@@ -452,6 +464,13 @@ RESERVED_TRAIN_ARGS = {
     "lr0": "LEARNING_RATE", "imgsz": "IMGSZ", "device": "DEVICE", "workers": "WORKERS", "task": "TASK_TYPE",
     "resume": "RESUME", "project": None, "name": None, "save_dir": None, "exist_ok": None, "mode": None,
 }
+
+
+def _output_prefix(env: _Env) -> str | None:
+    value = env.str("PREDICT_OUTPUT_URI")
+    if value and not value.endswith("/"):
+        value += "/"  # a prefix: predictions.json and images/ go under it
+    return value
 
 
 def _parse_train_args(env: _Env) -> dict:
@@ -559,6 +578,7 @@ class Storage:
             retries={"max_attempts": s.max_attempts, "mode": "standard"},
             connect_timeout=min(s.timeout, 10),
             read_timeout=s.timeout,
+            max_pool_connections=32,  # predict.py reads images from several threads
             # boto3 >= 1.36 sends CRC checksums by default, which R2 and older MinIO reject.
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
@@ -656,6 +676,29 @@ class Storage:
         else:
             with self._errors("upload", loc):
                 self._s3.upload_file(str(path), loc.bucket, loc.key)
+        return self.uri(loc)
+
+    def read_bytes(self, loc: Location) -> bytes:
+        """A small object's content, in memory (images for predict.py)."""
+        if self._s3 is None:
+            try:
+                return self._path(loc).read_bytes()
+            except FileNotFoundError:
+                raise StorageNotFound(f"{self.uri(loc)} does not exist") from None
+        with self._errors("read", loc):
+            return self._s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+
+    def put_bytes(self, data: bytes, loc: Location, content_type: str = "application/octet-stream") -> str:
+        """Store a small object from memory (annotated images)."""
+        if self._s3 is None:
+            dest = self._path(loc)
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
+            part.write_bytes(data)
+            os.replace(part, dest)
+        else:
+            with self._errors("upload", loc):
+                self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
         return self.uri(loc)
 
     def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
@@ -1077,6 +1120,13 @@ def prepare_ultralytics(work_dir: Path) -> None:
     })
     UL_LOGGER.handlers.clear()  # route Ultralytics' messages through our stderr handler and redaction
     UL_LOGGER.propagate = True
+
+
+def default_device() -> str:
+    """The first GPU when there is one, else the CPU (DEVICE unset)."""
+    import torch
+
+    return "0" if torch.cuda.is_available() else "cpu"
 
 
 def available_cpus() -> int:

@@ -5,48 +5,168 @@ from __future__ import annotations
 import json
 import uuid
 
+import cv2
+import numpy as np
 import pytest
 
 from tests.conftest import run_entry, storage_env
 from tests.sample_data import make_dataset
 
+TASK_CONFIGS = {"detect": "yolo11n.yaml", "segment": "yolo11n-seg.yaml", "pose": "yolo11n-pose.yaml",
+                "obb": "yolo11n-obb.yaml", "classify": "yolo11n-cls.yaml"}
+
 
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
-    """An untrained detection checkpoint saved by Ultralytics (no download needed)."""
+    """Factory: an untrained checkpoint of a task, saved by Ultralytics (no download needed)."""
     from ultralytics import YOLO
 
-    path = tmp_path_factory.mktemp("weights") / "untrained.pt"
-    YOLO("yolo11n.yaml").save(str(path))
-    return path
+    folder = tmp_path_factory.mktemp("weights")
+    made = {}
+
+    def make(task: str = "detect"):
+        if task not in made:
+            made[task] = folder / f"{task}.pt"
+            YOLO(TASK_CONFIGS[task]).save(str(made[task]))
+        return made[task]
+
+    return make
 
 
-def test_prefix_of_images_in_storage_gives_one_json_document(s3_server, s3, bucket, weights, tmp_path):
-    images = make_dataset(tmp_path / "ds", "detect", n_train=1, n_val=5) / "images" / "val"
-    for f in sorted(images.iterdir()):
-        s3.upload_file(str(f), bucket, f"inputs/batch-1/{f.name}")
-    job_id = f"p{uuid.uuid4().hex[:6]}"
-    s3.upload_file(str(weights), bucket, f"checkpoints/job-{job_id}/best.pt")
-    env = {**storage_env(s3_server, bucket), "JOB_ID": job_id, "INPUT_URI": f"s3://{bucket}/inputs/batch-1/",
-           "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "DEVICE": "cpu", "WORK_DIR": str(tmp_path / "work")}
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    return sorted((make_dataset(tmp_path_factory.mktemp("ds"), "detect", n_train=1, n_val=5) / "images" / "val").iterdir())
+
+
+def predict_env(s3_server, bucket, tmp_path, **extra) -> dict:
+    return {**storage_env(s3_server, bucket), "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "MAX_DET": "5",
+            "DEVICE": "cpu", "WORK_DIR": str(tmp_path / "work"), **extra}
+
+
+def run_predict(env, tmp_path, code=0) -> dict | None:
     result = run_entry("predict.py", env, cwd=tmp_path, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
-    doc = json.loads(result.stdout)  # stdout holds the JSON document and nothing else
-    assert doc["count"] == 5 == len(doc["predictions"])
+    assert result.returncode == code, result.stderr[-3000:]
+    if code:
+        assert result.stdout == "", "a failed run prints no document"
+        return {"stderr": result.stderr}
+    assert result.stdout.count("\n") == 1  # exactly one JSON document, nothing else on stdout
+    doc = json.loads(result.stdout)
+    assert "configuration: {" in result.stderr  # logs went to stderr
+    return doc
+
+
+def assert_valid_detections(prediction: dict) -> None:
+    w, h = prediction["width"], prediction["height"]
+    for d in prediction["detections"]:
+        assert 0.0 <= d["confidence"] <= 1.0
+        box = d["box"]
+        assert 0 <= box["x1"] <= box["x2"] <= w and 0 <= box["y1"] <= box["y2"] <= h
+        assert isinstance(d["class_id"], int) and isinstance(d["class_name"], str)
+
+
+def test_prefix_of_images_in_storage_in_several_batches(s3_server, s3, bucket, weights, images, tmp_path):
+    for f in images:
+        s3.upload_file(str(f), bucket, f"inputs/batch-1/{f.name}")
+    s3.put_object(Bucket=bucket, Key="inputs/batch-1/notes.txt", Body=b"not an image, skipped")
+    job_id = f"p{uuid.uuid4().hex[:6]}"
+    s3.upload_file(str(weights()), bucket, f"checkpoints/job-{job_id}/best.pt")  # the default CHECKPOINT_URI
+    doc = run_predict(predict_env(s3_server, bucket, tmp_path, JOB_ID=job_id, PREDICT_BATCH="2",
+                                  INPUT_URI=f"s3://{bucket}/inputs/batch-1/"), tmp_path)
+    assert doc["count"] == 5 == len(doc["predictions"]) and doc["failed"] == 0 and doc["task"] == "detect"
+    assert [p["image"] for p in doc["predictions"]] == [f"s3://{bucket}/inputs/batch-1/{f.name}" for f in images]
     for p in doc["predictions"]:
         assert (p["width"], p["height"]) == (64, 64)
-        for d in p["detections"]:
-            assert 0.0 <= d["confidence"] <= 1.0
-            assert 0 <= d["box"]["x1"] <= d["box"]["x2"] <= 64 and 0 <= d["box"]["y1"] <= d["box"]["y2"] <= 64
-            assert isinstance(d["class_id"], int) and isinstance(d["class_name"], str)
-    assert "downloading" in result.stderr  # logs went to stderr
+        assert 1 <= len(p["detections"]) <= 5  # conf 0 and MAX_DET 5
+        assert_valid_detections(p)
 
 
-def test_missing_checkpoint_is_bad_input(s3_server, bucket, tmp_path):
-    (tmp_path / "a.jpg").write_bytes(b"not read")
-    env = {**storage_env(s3_server, bucket), "CHECKPOINT_URI": "checkpoints/job-none/best.pt",
-           "INPUT_URI": str(tmp_path / "a.jpg"), "WORK_DIR": str(tmp_path / "work")}
-    result = run_entry("predict.py", env, cwd=tmp_path, timeout=120)
-    assert result.returncode == 2
-    assert result.stdout == ""
-    assert f"checkpoint not found: s3://{bucket}/checkpoints/job-none/best.pt" in result.stderr
+def test_local_file_and_checkpoint(weights, images, tmp_path):
+    doc = run_predict({"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "INPUT_URI": str(images[0]),
+                       "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "MAX_DET": "3", "WORK_DIR": str(tmp_path / "w")}, tmp_path)
+    assert doc["count"] == 1 and doc["predictions"][0]["image"] == str(images[0])
+    assert len(doc["predictions"][0]["detections"]) == 3
+
+
+def test_corrupt_image_is_reported_and_the_rest_continue(s3_server, s3, bucket, weights, images, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in images[:3]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "val_0001.jpg").write_bytes(b"\xff\xd8 this is not a jpeg")
+    (folder / "zz_empty.png").write_bytes(b"")
+    doc = run_predict(predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI=str(folder)),
+                      tmp_path)
+    assert doc["count"] == 4 and doc["failed"] == 2
+    by_name = {p["image"].rsplit("/", 1)[1]: p for p in doc["predictions"]}
+    assert "cannot decode the image" in by_name["val_0001.jpg"]["error"]
+    assert "cannot decode the image" in by_name["zz_empty.png"]["error"]
+    assert all("error" not in by_name[n] and by_name[n]["detections"] for n in ("val_0000.jpg", "val_0002.jpg"))
+
+
+def test_output_prefix_gets_the_document_and_annotated_images(s3_server, s3, bucket, weights, images, tmp_path):
+    doc = run_predict(predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI=str(images[0].parent),
+                                  PREDICT_OUTPUT_URI="predictions/run-1"), tmp_path)
+    assert doc["output_uri"] == f"s3://{bucket}/predictions/run-1/"
+    saved = json.loads(s3.get_object(Bucket=bucket, Key="predictions/run-1/predictions.json")["Body"].read())
+    assert saved == doc
+    for p in doc["predictions"]:
+        key = p["annotated_image"].split(f"s3://{bucket}/", 1)[1]
+        data = s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        assert cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR).shape == (64, 64, 3)
+
+
+@pytest.mark.parametrize("task", ["segment", "pose", "obb", "classify"])
+def test_each_task_adds_its_fields(task, weights, images, tmp_path):
+    doc = run_predict({"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights(task)), "INPUT_URI": str(images[0]),
+                       "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "MAX_DET": "3", "WORK_DIR": str(tmp_path / "w")}, tmp_path)
+    (p,) = doc["predictions"]
+    assert doc["task"] == task
+    if task == "classify":
+        top = p["classifications"]
+        assert len(top) == 5 and top == sorted(top, key=lambda c: -c["confidence"])
+        assert all(0 <= c["confidence"] <= 1 and isinstance(c["class_name"], str) for c in top)
+        return
+    assert p["detections"]
+    assert_valid_detections(p)
+    for d in p["detections"]:
+        if task == "segment":
+            assert len(d["polygon"]) >= 3 and all(0 <= x <= 64 and 0 <= y <= 64 for x, y in d["polygon"])
+        if task == "pose":
+            assert len(d["keypoints"]) == 17 and all(0 <= k["confidence"] <= 1 for k in d["keypoints"])
+        if task == "obb":
+            r = d["rotated_box"]
+            assert len(r["points"]) == 4 and r["width"] >= 0 and r["height"] >= 0
+
+
+def test_missing_checkpoint_is_bad_input(s3_server, bucket, images, tmp_path):
+    env = predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI="checkpoints/job-none/best.pt", INPUT_URI=str(images[0]))
+    out = run_predict(env, tmp_path, code=2)
+    assert f"checkpoint not found: s3://{bucket}/checkpoints/job-none/best.pt" in out["stderr"]
+
+
+def test_file_that_is_not_a_checkpoint_is_bad_input(s3_server, bucket, images, tmp_path):
+    fake = tmp_path / "fake.pt"
+    fake.write_bytes(b"definitely not a torch file")
+    out = run_predict(predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(fake), INPUT_URI=str(images[0])),
+                      tmp_path, code=2)
+    assert "fake.pt is not an Ultralytics checkpoint" in out["stderr"]
+
+
+def test_empty_input_prefix_is_bad_input(s3_server, s3, bucket, weights, tmp_path):
+    s3.put_object(Bucket=bucket, Key="inputs/empty/readme.txt", Body=b"no images here")
+    env = predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI="inputs/empty/")
+    out = run_predict(env, tmp_path, code=2)
+    assert "INPUT_URI=inputs/empty/: no images found" in out["stderr"]
+
+
+def test_missing_input_object_is_bad_input(s3_server, bucket, weights, tmp_path):
+    env = predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI="inputs/nope.jpg")
+    out = run_predict(env, tmp_path, code=2)
+    assert f"no storage object s3://{bucket}/inputs/nope.jpg" in out["stderr"]
+
+
+def test_task_type_mismatch_is_bad_input(weights, images, tmp_path):
+    env = {"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "INPUT_URI": str(images[0]),
+           "TASK_TYPE": "classification", "WORK_DIR": str(tmp_path / "w")}
+    out = run_predict(env, tmp_path, code=2)
+    assert "TASK_TYPE is classify but detect.pt is a detect model" in out["stderr"]
