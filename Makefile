@@ -37,6 +37,7 @@ demo: venv
 
 bench: venv
 	$(PY) -m bench.predict_bench
+	$(PY) -m bench.callbacks_bench --repeats 3
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

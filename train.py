@@ -14,6 +14,7 @@ message and exits with the contract's code (see README, "Exit codes").
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -21,7 +22,9 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -34,6 +37,7 @@ from utils import (
     EXIT_OK,
     Backend,
     BadInput,
+    Cancelled,
     ConfigError,
     Location,
     Redactor,
@@ -198,17 +202,122 @@ def finite_floats(values: dict) -> dict:
     return out
 
 
+class StopSignal:
+    """Where SIGTERM/SIGINT and the backend's cancellation meet the training loop.
+
+    A stop is only acted on at safe points: between setup steps, and after a training or
+    validation batch, never while Ultralytics writes a checkpoint. Phases:
+    setup (a signal stops at once), training (stop after the current batch; a second signal
+    stops at once), finishing (training is over: the job completes, the signal is only noted),
+    cleanup (the job is reporting a failure: noted only).
+    """
+
+    def __init__(self):
+        self.reason: str | None = None
+        self.phase = "setup"
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def request(self, reason: str) -> None:
+        if self.reason is None:
+            self.reason = reason
+            LOGGER.warning("stop requested (%s) during %s", reason, self.phase)
+
+    def check(self) -> None:
+        """Raise Cancelled if a stop was requested and this phase may stop."""
+        if self.reason and self.phase in ("setup", "training"):
+            raise Cancelled(self.reason)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        again = self.reason is not None
+        self.request(f"received {signal.Signals(signum).name}")
+        if self.phase == "setup" or (self.phase == "training" and again):
+            raise Cancelled(self.reason)
+
+
+class CheckpointUploader:
+    """Uploads the latest checkpoint files in the background, one file at a time.
+
+    `submit` copies each file to a staging folder first (Ultralytics rewrites last.pt in
+    place each epoch), and a newer copy of a file replaces an older one still waiting: uploads
+    never pile up and never run twice at once for the same file.
+    """
+
+    def __init__(self, storage: Storage, settings: Settings, backend: Backend):
+        self.storage = storage
+        self.prefix = settings.checkpoint_prefix
+        self.backend = backend
+        self.staging = job_dir(settings) / "staging"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self._pending: dict[str, tuple[Path, int]] = {}
+        self._busy = False
+        self._cond = threading.Condition()
+        self._count = 0
+        threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True).start()
+
+    def submit(self, files: dict[str, Path], epoch: int) -> None:
+        for name, path in files.items():
+            if not path.is_file():
+                continue
+            self._count += 1
+            staged = self.staging / f"{self._count:06d}-{name}"
+            shutil.copyfile(path, staged)
+            with self._cond:
+                old = self._pending.pop(name, None)
+                if old:
+                    old[0].unlink(missing_ok=True)
+                self._pending[name] = (staged, epoch)
+                self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until everything submitted is uploaded; False if the timeout came first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                batch = dict(self._pending)  # everything submitted so far, one upload per file
+                self._pending.clear()
+                self._busy = True
+            uploaded = []
+            for name, (staged, epoch) in batch.items():
+                try:
+                    self.storage.upload(staged, self.storage.locate(self.prefix + name))
+                    uploaded.append(name)
+                except Exception as e:  # the final upload at the end tries again
+                    LOGGER.warning("background upload of %s failed: %s", name, e)
+                finally:
+                    staged.unlink(missing_ok=True)
+            checkpoints = [n for n in uploaded if n.endswith(".pt")]
+            if checkpoints:
+                epoch = max(batch[n][1] for n in checkpoints)
+                self.backend.log(f"checkpoint {' and '.join(checkpoints)} of epoch {epoch} uploaded to "
+                                 f"{self.storage.uri(self.storage.locate(self.prefix))}", epoch=epoch)
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
 class EpochReporter:
-    """Ultralytics callbacks that report each epoch once validation has run.
+    """Ultralytics callbacks: report each epoch, upload its checkpoints, stop on request.
 
     `on_fit_epoch_end` runs after every epoch and once more for the final evaluation of
     best.pt; only the first kind follows an `on_train_epoch_end` for the same epoch, which
     is how the final evaluation is told apart and kept as the job's final metrics.
     """
 
-    def __init__(self, backend: Backend, tracker: Tracker):
+    def __init__(self, backend: Backend, tracker: Tracker, stop: StopSignal, uploader: CheckpointUploader | None = None,
+                 checkpoint_interval: int = 1):
         self.backend = backend
         self.tracker = tracker
+        self.stop = stop
+        self.uploader = uploader
+        self.checkpoint_interval = checkpoint_interval
         self.epochs_completed = 0
         self.total_epochs = 0
         self.last_metrics: dict = {}
@@ -218,7 +327,11 @@ class EpochReporter:
     def callbacks(self) -> dict:
         return {
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_start": self.on_train_start,
+            "on_train_batch_end": self.on_batch_end,
+            "on_val_batch_end": self.on_batch_end,
             "on_train_epoch_end": self.on_train_epoch_end,
+            "on_model_save": self.on_model_save,
             "on_fit_epoch_end": self.on_fit_epoch_end,
         }
 
@@ -227,11 +340,31 @@ class EpochReporter:
         self.epochs_completed = trainer.start_epoch
         self.tracker.log_params({k: v for k, v in vars(trainer.args).items() if v is not None})
         if trainer.start_epoch:
-            self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}")
+            self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}",
+                             epoch=trainer.start_epoch + 1)
+
+    def on_train_start(self, trainer) -> None:
+        self.stop.check()
+        self.stop.phase = "training"
+
+    def on_batch_end(self, _) -> None:
+        self.stop.check()
 
     def on_train_epoch_end(self, trainer) -> None:
         train = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
         self._pending = (trainer.epoch, finite_floats(train))
+
+    def on_model_save(self, trainer) -> None:
+        """Ultralytics just wrote last.pt (and best.pt if this epoch is the best): upload them."""
+        epoch = trainer.epoch + 1
+        files = {}
+        if epoch % self.checkpoint_interval == 0 or trainer.stop:
+            files["last.pt"] = Path(trainer.last)
+        if trainer.best_fitness == trainer.fitness:
+            files["best.pt"] = Path(trainer.best)
+        if files and self.uploader:
+            files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.backend.event_log})
+            self.uploader.submit(files, epoch)
 
     def on_fit_epoch_end(self, trainer) -> None:
         if self._pending is None or self._pending[0] != trainer.epoch:
@@ -242,11 +375,13 @@ class EpochReporter:
         epoch, total = trainer.epoch + 1, trainer.epochs
         metrics = contract_metrics(trainer.metrics or {}, trainer.fitness)
         self.backend.validation_results(epoch, total, metrics, task=trainer.args.task)
-        for name, value in {**train, **metrics}.items():
+        for name, value in train.items():
             self.backend.metric(name, value, epoch, step=epoch)
         self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total)
         self.tracker.log_metrics({**train, **metrics}, step=epoch)
         self.epochs_completed, self.total_epochs, self.last_metrics = epoch, total, metrics
+        if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
+            self.stop.phase = "finishing"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -373,8 +508,54 @@ def fetch_pretrained(storage: Storage, settings: Settings, name: str) -> Path:
         + f". Upload them once to {storage.uri(loc)} (see README, 'Pretrained weights').")
 
 
-def train_model(settings: Settings, weights: str, data: Path, reporter: EpochReporter):
-    """Run Ultralytics training; returns its trainer (save_dir, best/last paths, metrics)."""
+def prepare_run(storage: Storage, settings: Settings) -> tuple[Path, Path | None]:
+    """A clean save_dir for this job; with RESUME=auto, restored from a resumable last.pt in storage.
+
+    Returns (save_dir, the last.pt to resume from or None).
+    """
+    save_dir = job_dir(settings) / "train"
+    shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
+    if not settings.resume:
+        return save_dir, None
+    weights = save_dir / "weights"
+    loc = storage.locate(settings.checkpoint_prefix + "last.pt")
+    try:
+        last = storage.download(loc, weights / "last.pt")
+    except StorageNotFound:
+        return save_dir, None
+    why_not = _not_resumable(last, settings)
+    if why_not:
+        LOGGER.info("not resuming from %s: %s; starting a new training", storage.uri(loc), why_not)
+        shutil.rmtree(save_dir, ignore_errors=True)
+        return save_dir, None
+    for name, dest in (("best.pt", weights / "best.pt"), ("results.csv", save_dir / "results.csv")):
+        with contextlib.suppress(StorageNotFound):
+            storage.download(storage.locate(settings.checkpoint_prefix + name), dest)
+    LOGGER.info("resuming from %s", storage.uri(loc))
+    return save_dir, last
+
+
+def _not_resumable(last: Path, settings: Settings) -> str | None:
+    """Why a downloaded last.pt cannot be resumed, or None if it can."""
+    import torch
+
+    try:
+        ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    except Exception as e:
+        return f"it cannot be read ({type(e).__name__})"
+    epoch, total = ckpt.get("epoch", -1), (ckpt.get("train_args") or {}).get("epochs")
+    if ckpt.get("optimizer") is None or epoch is None or epoch < 0:
+        return "it is a finished checkpoint (no optimizer state)"
+    if total != settings.epochs:
+        return f"it was trained for EPOCHS={total}, this job asks for {settings.epochs}"
+    if epoch + 1 >= total:
+        return f"all {total} epochs are done"
+    return None
+
+
+def train_model(settings: Settings, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
+                resume: bool = False):
+    """Run Ultralytics training (or resume it); returns its trainer (save_dir, best/last paths, metrics)."""
     from ultralytics import YOLO
 
     try:
@@ -383,26 +564,21 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
         raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: {e}") from None
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
-    save_dir = job_dir(settings) / "train"
-    shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
     device = settings.device or default_device()
-    args = {
-        **settings.train_args,
-        "data": str(data),
-        "epochs": settings.epochs,
-        "batch": settings.batch,
-        "imgsz": settings.imgsz,
-        "device": device,
-        "workers": settings.workers if settings.workers is not None else min(8, available_cpus()),
-        "project": str(save_dir.parent),
-        "name": save_dir.name,
-        "exist_ok": True,
-    }
-    if settings.lr0 is not None:
-        args["lr0"] = settings.lr0
-        # optimizer=auto ignores lr0; AdamW is what auto picks for runs under 10,000 iterations.
-        args.setdefault("optimizer", "AdamW")
-    LOGGER.info("training %s on %s for %d epochs (device %s)", settings.model_name, data, settings.epochs, device)
+    workers = settings.workers if settings.workers is not None else min(8, available_cpus())
+    if resume:
+        # Ultralytics takes everything else (epochs, batch, lr0, TRAIN_ARGS...) from the checkpoint.
+        args = {"resume": True, "data": str(data), "device": device, "workers": workers, "save_dir": str(save_dir)}
+    else:
+        args = {**settings.train_args, "data": str(data), "epochs": settings.epochs, "batch": settings.batch,
+                "imgsz": settings.imgsz, "device": device, "workers": workers,
+                "project": str(save_dir.parent), "name": save_dir.name, "exist_ok": True}
+        if settings.lr0 is not None:
+            args["lr0"] = settings.lr0
+            # optimizer=auto ignores lr0; AdamW is what auto picks for runs under 10,000 iterations.
+            args.setdefault("optimizer", "AdamW")
+    LOGGER.info("%s %s on %s for %d epochs (device %s)", "resuming" if resume else "training",
+                settings.model_name, data, settings.epochs, device)
     try:
         model.train(**args)
     except RuntimeError as e:
@@ -412,8 +588,9 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
     return model.trainer
 
 
-def upload_outputs(storage: Storage, settings: Settings, trainer) -> dict:
-    """Upload best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/."""
+def upload_outputs(storage: Storage, settings: Settings, trainer, uploader: CheckpointUploader) -> dict:
+    """After training: best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/."""
+    uploader.wait()  # the background uploads of the last epoch go first, so the final files win
     uris = {}
     for name in ("best.pt", "last.pt"):
         path = Path(trainer.wdir) / name
@@ -438,6 +615,15 @@ def upload_event_log(storage: Storage, settings: Settings, event_log: Path) -> N
         storage.upload(event_log, storage.locate(settings.checkpoint_prefix + "events.jsonl"))
     except TrainerError as e:
         LOGGER.warning("could not upload the event log: %s", e)
+
+
+def within(seconds: float, step, *args) -> None:
+    """Run a clean-up step in a helper thread, waiting at most `seconds` for it."""
+    worker = threading.Thread(target=step, args=args, daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    if worker.is_alive():
+        LOGGER.warning("%s did not finish within %.0f s; going on", getattr(step, "__name__", "step"), seconds)
 
 
 def report_config_error(error: ConfigError, redact: Redactor) -> int:
@@ -468,25 +654,32 @@ def main() -> int:
         return report_config_error(e, redact)
 
     LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
+    stop = StopSignal()
+    stop.install()
     event_log = job_dir(settings) / "events.jsonl"
     backend = Backend(settings.backend, redact, event_log)
     tracker = Tracker(settings, redact)
-    reporter = EpochReporter(backend, tracker)
+    reporter = EpochReporter(backend, tracker, stop, checkpoint_interval=settings.checkpoint_interval)
     storage = None
     started = time.monotonic()
+    flush = settings.backend.flush_timeout
     try:
         backend.status("running", 0, started_at=now_iso())
+        backend.watch_cancellation(settings.backend.health_interval, stop.request)
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         data = download_dataset(storage, settings)
         backend.log(f"dataset ready: {settings.dataset_uri}")
-        weights = resolve_model(storage, settings)
+        stop.check()
+        save_dir, resume_from = prepare_run(storage, settings)
+        weights = str(resume_from) if resume_from else resolve_model(storage, settings)
+        stop.check()
         tracker.start()
-        trainer = train_model(settings, weights, data, reporter)
-        uris = upload_outputs(storage, settings, trainer)
+        reporter.uploader = CheckpointUploader(storage, settings, backend)
+        trainer = train_model(settings, weights, data, reporter, save_dir, resume=resume_from is not None)
+        stop.phase = "finishing"
+        uris = upload_outputs(storage, settings, trainer, reporter.uploader)
         backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
-        log_run_artifacts(tracker, trainer)
-        tracker.finish("FINISHED")
         backend.status(
             "completed", 100,
             mlflow_run_id=tracker.run_id, mlflow_run_url=tracker.url,
@@ -494,17 +687,25 @@ def main() -> int:
             final_metrics=reporter.final_metrics or reporter.last_metrics,
             epochs_completed=reporter.epochs_completed,
             training_time_seconds=round(time.monotonic() - started, 1), exit_code=EXIT_OK)
+        log_run_artifacts(tracker, trainer)  # while the final status goes out
+        tracker.finish("FINISHED")
         code = EXIT_OK
     except BaseException as e:  # one top-level handler: classify, report, exit with the contract's code
+        stop.phase = "cleanup"
         code, message = classify_failure(e)
-        LOGGER.error("job failed (exit %d): %s", code, redact(message), exc_info=code == EXIT_ERROR)
-        tracker.finish("KILLED" if code == EXIT_CANCELLED else "FAILED")
-        status = "cancelled" if code == EXIT_CANCELLED else "failed"
+        LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
+                     redact(message), exc_info=code == EXIT_ERROR)
+        deadline = time.monotonic() + settings.shutdown_timeout  # all clean-up fits the pod's grace period
+        if reporter.uploader:  # the last completed epoch's checkpoint, resumable, must reach storage
+            reporter.uploader.wait(max(0.0, deadline - time.monotonic() - 3))
+        within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
         progress = 100.0 * reporter.epochs_completed / reporter.total_epochs if reporter.total_epochs else 0
-        backend.status(status, progress, error=message, exit_code=code, epochs_completed=reporter.epochs_completed,
-                       mlflow_run_id=tracker.run_id, training_time_seconds=round(time.monotonic() - started, 1))
+        backend.status("cancelled" if code == EXIT_CANCELLED else "failed", progress, error=message, exit_code=code,
+                       epochs_completed=reporter.epochs_completed, mlflow_run_id=tracker.run_id,
+                       training_time_seconds=round(time.monotonic() - started, 1))
+        flush = max(0.5, min(settings.backend.flush_timeout, deadline - time.monotonic() - 1))
     finally:
-        backend.close()
+        backend.close(flush)
     if storage is not None:
         upload_event_log(storage, settings, event_log)
     return code

@@ -25,6 +25,7 @@ import collections
 import contextlib
 import dataclasses
 import datetime as dt
+import hashlib
 import json
 import logging
 import math
@@ -91,6 +92,8 @@ ENV_VARS: dict[str, str] = {
     "TRAIN_ARGS": "{}",
     "WORK_DIR": "",
     "RESUME": "auto",
+    "CHECKPOINT_INTERVAL": "1",
+    "SHUTDOWN_TIMEOUT": "20",
     "PRETRAINED_PREFIX": "models/",
     "WEIGHTS_DOWNLOAD": "true",
     "LOG_LEVEL": "INFO",
@@ -101,6 +104,7 @@ ENV_VARS: dict[str, str] = {
     "CALLBACK_TIMEOUT": "10",
     "CALLBACK_MAX_ATTEMPTS": "8",
     "CALLBACK_FLUSH_TIMEOUT": "10",
+    "CALLBACK_HEALTH_INTERVAL": "30",
     # storage
     "STORAGE_TYPE": "minio",
     "STORAGE_BUCKET": "vision-platform",
@@ -114,6 +118,7 @@ ENV_VARS: dict[str, str] = {
     "LOCAL_STORAGE_DIR": "storage",
     "STORAGE_MAX_ATTEMPTS": "8",
     "STORAGE_TIMEOUT": "60",
+    "STORAGE_CHECKSUM": "when_required",
     # tracking
     "MLFLOW_TRACKING_URI": "",
     "MLFLOW_EXPERIMENT_NAME": "",
@@ -250,6 +255,7 @@ class StorageSettings:
     local_dir: Path | None = None
     max_attempts: int = 8
     timeout: float = 60.0
+    checksum: str = "when_required"  # boto3 request/response checksum mode
 
 
 @dataclasses.dataclass(frozen=True)
@@ -260,6 +266,7 @@ class BackendSettings:
     timeout: float = 10.0
     max_attempts: int = 8
     flush_timeout: float = 10.0
+    health_interval: float = 30.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,6 +287,8 @@ class Settings:
     train_args: dict
     work_dir: Path
     resume: bool
+    checkpoint_interval: int  # upload last.pt every N epochs during training
+    shutdown_timeout: float  # seconds from a stop request to exit: below the pod's grace period
     pretrained_prefix: str
     weights_download: bool
     mlflow_tracking_uri: str
@@ -438,6 +447,8 @@ def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
         train_args=train_args,
         work_dir=work_dir,
         resume=resume_raw in ("auto", "true", "1", "yes"),
+        checkpoint_interval=env.number("CHECKPOINT_INTERVAL", int, 1, 10_000, "an integer >= 1"),
+        shutdown_timeout=env.number("SHUTDOWN_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"),
         pretrained_prefix=prefix,
         weights_download=env.flag("WEIGHTS_DOWNLOAD"),
         mlflow_tracking_uri=tracking_uri,
@@ -492,8 +503,12 @@ def _parse_train_args(env: _Env) -> dict:
 def _storage_settings(env: _Env) -> StorageSettings:
     kind = (env.str("STORAGE_TYPE") or "").lower()
     bucket = env.str("STORAGE_BUCKET")
+    checksum = (env.str("STORAGE_CHECKSUM") or "").lower()
+    if checksum not in ("when_required", "when_supported"):
+        env.problems.append(f"STORAGE_CHECKSUM={checksum!r} must be when_required or when_supported")
+        checksum = "when_required"
     common = {"max_attempts": env.number("STORAGE_MAX_ATTEMPTS", int, 1, 100, "an integer from 1 to 100"),
-              "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600")}
+              "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"), "checksum": checksum}
     if kind == "minio":
         endpoint = env.str("MINIO_ENDPOINT")
         if "://" not in endpoint:
@@ -526,6 +541,7 @@ def backend_settings(env: _Env | Mapping[str, str]) -> BackendSettings:
         timeout=env.number("CALLBACK_TIMEOUT", float, 0.1, 600, "seconds from 0.1 to 600"),
         max_attempts=env.number("CALLBACK_MAX_ATTEMPTS", int, 1, 1000, "an integer from 1 to 1000"),
         flush_timeout=env.number("CALLBACK_FLUSH_TIMEOUT", float, 0, 600, "seconds from 0 to 600"),
+        health_interval=env.number("CALLBACK_HEALTH_INTERVAL", float, 0, 86400, "seconds, 0 = never"),
     )
 
 
@@ -580,8 +596,8 @@ class Storage:
             read_timeout=s.timeout,
             max_pool_connections=32,  # predict.py reads images from several threads
             # boto3 >= 1.36 sends CRC checksums by default, which R2 and older MinIO reject.
-            request_checksum_calculation="when_required",
-            response_checksum_validation="when_required",
+            request_checksum_calculation=s.checksum,
+            response_checksum_validation=s.checksum,
         )
         return boto3.session.Session().client(
             "s3", endpoint_url=s.endpoint, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key,
@@ -627,23 +643,39 @@ class Storage:
         return ObjectInfo(meta["ContentLength"], meta.get("ETag", "").strip('"'))
 
     def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None) -> Path:
-        """Download to dest atomically (a .part file renamed once its size is verified)."""
+        """Download to dest atomically: a .part file, renamed once its size and MD5 are verified.
+
+        The MD5 check applies where the ETag is a plain MD5 (single-part uploads). If a second
+        download gives the same bytes and the same mismatch, the store's ETags are not MD5s
+        (some encrypt or compute them otherwise): the size check then stands alone.
+        """
         info = info or self.head(loc)
         if info is None:
             raise StorageNotFound(f"{self.uri(loc)} does not exist")
         dest.parent.mkdir(parents=True, exist_ok=True)
-        part = dest.with_name(dest.name + f".part-{os.getpid()}")
+        part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
         LOGGER.info("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
-        start = time.monotonic()
+        start, previous = time.monotonic(), None
         try:
-            if self._s3 is None:
-                shutil.copyfile(self._path(loc), part)
-            else:
-                with self._errors("download", loc):
-                    self._s3.download_file(loc.bucket, loc.key, str(part))
-            got = part.stat().st_size
-            if got != info.size:
-                raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
+            for attempt in (1, 2):
+                if self._s3 is None:
+                    shutil.copyfile(self._path(loc), part)
+                else:
+                    with self._errors("download", loc):
+                        self._s3.download_file(loc.bucket, loc.key, str(part))
+                got = part.stat().st_size
+                if got != info.size:
+                    raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
+                digest = file_md5(part) if _is_md5(info.etag) else None
+                if digest in (None, info.etag):
+                    break
+                if digest == previous:
+                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                    break
+                if attempt == 2:
+                    raise TransientError(f"download of {self.uri(loc)} is corrupt: MD5 {digest} != ETag {info.etag}")
+                LOGGER.warning("download of %s does not match its ETag; downloading again", self.uri(loc))
+                previous = digest
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
@@ -664,18 +696,36 @@ class Storage:
         return dest
 
     def upload(self, path: Path, loc: Location) -> str:
-        """Upload a file; readers see the old object or the whole new one, never a part."""
+        """Upload a file and verify what the store holds (size, and MD5 where the ETag is one).
+
+        Readers see the old object or the whole new one, never a part: S3 replaces objects
+        atomically, and the local store writes a temporary file and renames it.
+        """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
         if self._s3 is None:
             dest = self._path(loc)
             dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + f".part-{os.getpid()}")
+            part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
             shutil.copyfile(path, part)
             os.replace(part, dest)
-        else:
+            return self.uri(loc)
+        for attempt in (1, 2):
             with self._errors("upload", loc):
                 self._s3.upload_file(str(path), loc.bucket, loc.key)
+            stored = self.head(loc)
+            if stored is None or stored.size != size:
+                problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
+            elif _is_md5(stored.etag) and stored.etag != file_md5(path):
+                problem = f"upload of {path.name} to {self.uri(loc)} does not match its MD5"
+            else:
+                return self.uri(loc)
+            if attempt == 2:
+                if stored is not None and stored.size == size:  # twice the same: the store's ETag is no MD5
+                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                    return self.uri(loc)
+                raise TransientError(problem)
+            LOGGER.warning("%s; uploading again", problem)
         return self.uri(loc)
 
     def read_bytes(self, loc: Location) -> bytes:
@@ -743,31 +793,64 @@ class Storage:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
 
 
+def _is_md5(etag: str) -> bool:
+    return bool(re.fullmatch(r"[0-9a-f]{32}", etag or ""))
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5(usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 # ----------------------------------------------------------------------------------------------
 # 5. Backend callbacks
 # ----------------------------------------------------------------------------------------------
 
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
+TERMINAL_STATUSES = {"completed", "failed", "cancelled"}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)
 class Event:
     method: str
     route: str
     body: dict
+    key: str  # events with the same key are delivered one at a time, in order
+    critical: bool  # never dropped or coalesced; retried until the flush deadline
+    barrier: bool = False  # the final status: sent only after every earlier critical event
+    progress: bool = False  # a per-epoch progress status: a newer one replaces it while queued
     attempts: int = 0
+    not_before: float = 0.0
+    sending: bool = False  # a sender holds it right now: it cannot be dropped or coalesced
 
 
 class Backend:
-    """Sends the contract's callbacks from a background thread; never blocks or fails training.
+    """Sends the contract's callbacks from background threads; never blocks or fails training.
 
-    Each event gets an `event_id` that stays the same across retries, is appended to a
-    JSON-lines event log, and is sent in order. Connection errors, timeouts, 408/429/5xx are
-    retried with exponential backoff and full jitter (honouring Retry-After); a 404 switches
-    the route off; other 4xx are logged once and dropped. Without CALLBACK_URL events are
-    only logged.
+    - Every event gets an `event_id` that stays the same across its retries, and is appended to
+      a JSON-lines event log before it is sent.
+    - Order: `status` events, `validation-results`, and the `metrics` of one name are each
+      delivered in order, one at a time; different routes and names (and log messages, which
+      carry their timestamp) go out in parallel on SENDERS (12) threads, so a slow backend does
+      not build a backlog. The final status waits for every status and validation result
+      before it (metrics and logs still queued may arrive after it).
+    - Retries: connection errors, timeouts, 408/425/429/5xx, with exponential backoff and full
+      jitter, honouring Retry-After. `status` and `validation-results` are retried until the
+      flush deadline; other events up to CALLBACK_MAX_ATTEMPTS times. A 404 switches the route
+      off (validation results then go out as `metrics`); other 4xx are logged once and dropped.
+    - Bounded: a queued progress status is replaced by a newer one, and past MAX_QUEUE events the
+      oldest metric or log event is dropped (it stays in the event log); status and validation
+      results are never dropped.
+    - `close()` flushes until CALLBACK_FLUSH_TIMEOUT, but stops at once when the backend refuses
+      connections: a backend that is down is not waited for.
+    Without CALLBACK_URL events are only logged.
     """
 
+    SENDERS = 12
+    MAX_QUEUE = 10_000
     BACKOFF_BASE = 0.5
     BACKOFF_CAP = 30.0
 
@@ -775,36 +858,49 @@ class Backend:
         self.settings = settings
         self.redact = redact
         self.event_log = event_log
-        self._queue: collections.deque[Event] = collections.deque()
+        self._queue: list[Event] = []
+        self._inflight: set[str] = set()
         self._cond = threading.Condition()
+        self._log_lock = threading.Lock()
         self._closed = False
         self._deadline = math.inf
+        self._unreachable = False
+        self._dropped = 0
         self._disabled_routes: set[str] = set()
         self._warned: set[tuple[str, int]] = set()
-        self._session = None
-        self._thread = None
+        self._local = threading.local()
+        self._threads = []
         if settings.url:
-            self._thread = threading.Thread(target=self._run, name="callback-sender", daemon=True)
-            self._thread.start()
+            self._threads = [threading.Thread(target=self._sender, name=f"callback-sender-{i}", daemon=True)
+                             for i in range(self.SENDERS)]
+            for t in self._threads:
+                t.start()
 
     # -- the contract's routes ------------------------------------------------------------------
 
     def status(self, status: str, progress: float, error: str | None = None, **extra) -> None:
         body = {"status": status, "error": self.redact(error) if error else None,
                 "progress": round(max(0.0, min(100.0, progress)), 2), "updated_at": now_iso(), **extra}
-        self._emit("PATCH", "status", body)
+        final = status in TERMINAL_STATUSES
+        self._emit("PATCH", "status", body, critical=True, barrier=final,
+                   progress=status == "running" and "epoch" in extra)
 
     def validation_results(self, epoch: int, total_epochs: int, metrics: dict, **extra) -> None:
-        self._emit("POST", "validation-results", {"epoch": epoch, "total_epochs": total_epochs, "metrics": metrics, **extra})
+        body = {"epoch": epoch, "total_epochs": total_epochs, "metrics": metrics, **extra}
+        if "validation-results" in self._disabled_routes:
+            self._metrics_instead(body)
+        else:
+            self._emit("POST", "validation-results", body, critical=True)
 
     def metric(self, name: str, value: float, epoch: int, **extra) -> None:
-        self._emit("POST", "metrics", {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra})
+        body = {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra}
+        self._emit("POST", "metrics", body, key=f"metrics:{name}")
 
     def log(self, message: str, level: str = "INFO", epoch: int | None = None) -> None:
         body = {"message": self.redact(message), "level": level, "timestamp": now_iso()}
         if epoch is not None:
             body["epoch"] = epoch
-        self._emit("POST", "logs", body)
+        self._emit("POST", "logs", body, key=f"logs:{uuid.uuid4().hex}")  # unordered: each carries its time
 
     def health(self) -> str | None:
         """The backend's job_status, or None when it cannot tell (no URL, error, no route)."""
@@ -821,27 +917,111 @@ class Backend:
             LOGGER.debug("health check failed: %s", self.redact(e))
             return None
 
-    # -- plumbing ---------------------------------------------------------------------------------
+    def watch_cancellation(self, interval: float, on_cancel) -> None:
+        """Poll GET /health every `interval` seconds in the background; call on_cancel once on 'cancelled'."""
+        if not self.settings.url or interval <= 0:
+            return
 
-    def _emit(self, method: str, route: str, body: dict) -> None:
+        def poll() -> None:
+            while not self._closed:
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed, timeout=interval)
+                if not self._closed and self.health() == "cancelled":
+                    on_cancel("cancelled by the backend")
+                    return
+
+        threading.Thread(target=poll, name="health-poll", daemon=True).start()
+
+    # -- queueing -------------------------------------------------------------------------------
+
+    def _emit(self, method: str, route: str, body: dict, critical: bool = False, barrier: bool = False,
+              progress: bool = False, key: str | None = None) -> None:
         body = {**body, "event_id": uuid.uuid4().hex}
         self._append_event_log(method, route, body)
         if not self.settings.url:
             LOGGER.info("event %s %s: %s", method, route, json.dumps(body)[:500])
             return
+        event = Event(method, route, body, key or route, critical, barrier, progress)
         with self._cond:
-            self._queue.append(Event(method, route, body))
-            self._cond.notify()
+            if progress:  # only the newest progress matters to the backend
+                self._queue = [e for e in self._queue if not (e.progress and not e.sending)]
+            if len(self._queue) >= self.MAX_QUEUE:
+                self._drop_oldest_droppable()
+            self._queue.append(event)
+            self._cond.notify_all()
+
+    def _drop_oldest_droppable(self) -> None:
+        for i, e in enumerate(self._queue):
+            if not e.critical and not e.progress and not e.sending:
+                del self._queue[i]
+                self._dropped += 1
+                if self._dropped == 1:
+                    LOGGER.warning("callback queue full (backend slow or down): dropping the oldest metric "
+                                   "and log events; they stay in the event log")
+                return
+
+    def _metrics_instead(self, validation: dict) -> None:
+        """The backend has no validation-results route: the epoch's numbers go out as metrics."""
+        for name, value in validation["metrics"].items():
+            self.metric(name, value, validation["epoch"], step=validation["epoch"])
 
     def _append_event_log(self, method: str, route: str, body: dict) -> None:
         if self.event_log is None:
             return
         try:
-            self.event_log.parent.mkdir(parents=True, exist_ok=True)
-            with self.event_log.open("a", encoding="utf-8") as f:
-                f.write(json.dumps({"method": method, "route": route, "body": body}) + "\n")
+            with self._log_lock:
+                self.event_log.parent.mkdir(parents=True, exist_ok=True)
+                with self.event_log.open("a", encoding="utf-8") as f:
+                    f.write(json.dumps({"method": method, "route": route, "body": body}) + "\n")
         except OSError as e:
             LOGGER.warning("cannot write event log %s: %s", self.event_log, e)
+
+    def _next(self, now: float) -> Event | float:
+        """The next event a sender may take, or how long to wait before one may be ready."""
+        blocked = set(self._inflight)
+        wait = math.inf
+        for i, e in enumerate(self._queue):
+            if e.barrier:  # the final status goes after every status and validation result before it
+                if e.sending or any(x.critical for x in self._queue[:i]):
+                    return wait
+                if e.not_before <= now:
+                    return e
+                return min(wait, e.not_before - now)
+            if e.key in blocked:
+                continue
+            blocked.add(e.key)
+            if e.not_before <= now:
+                return e
+            wait = min(wait, e.not_before - now)
+        return wait
+
+    def _sender(self) -> None:
+        while True:
+            with self._cond:
+                while True:
+                    now = time.monotonic()
+                    if self._closed and (self._unreachable or now >= self._deadline or not self._queue):
+                        self._cond.notify_all()
+                        return
+                    got = self._next(now)
+                    if isinstance(got, Event):
+                        break
+                    timeout = min(got, self._deadline - now) if self._closed else got
+                    self._cond.wait(None if timeout == math.inf else max(timeout, 0.001))
+                event = got
+                event.sending = True
+                self._inflight.add(event.key)
+            delay = self._attempt(event)
+            with self._cond:
+                event.sending = False
+                self._inflight.discard(event.key)
+                if delay is None:
+                    self._queue.remove(event)
+                else:
+                    event.not_before = time.monotonic() + delay
+                self._cond.notify_all()
+
+    # -- one attempt ----------------------------------------------------------------------------
 
     def _headers(self) -> dict:
         headers = {"Content-Type": "application/json"}
@@ -850,39 +1030,25 @@ class Backend:
         return headers
 
     def _http(self):
-        if self._session is None:
+        """One requests session per thread (sessions are not thread-safe)."""
+        if getattr(self._local, "session", None) is None:
             import requests
 
-            self._session = requests.Session()
-        return self._session
+            self._local.session = requests.Session()
+        return self._local.session
 
     def _disable(self, route: str) -> None:
         if route not in self._disabled_routes:
             self._disabled_routes.add(route)
             LOGGER.warning("backend has no %s route (404): not sending to it again", route)
 
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue and not self._closed:
-                    self._cond.wait()
-                if not self._queue or (self._closed and time.monotonic() >= self._deadline):
-                    return
-                event = self._queue[0]
-            delay = self._attempt(event)
-            with self._cond:
-                if delay is None:
-                    self._queue.popleft()
-                    continue
-                wake = time.monotonic() + delay
-                if self._closed:
-                    wake = min(wake, self._deadline)
-                # close() notifies, so a pending retry is tried once more before the deadline
-                self._cond.wait(timeout=max(0.0, wake - time.monotonic()))
-
     def _attempt(self, event: Event) -> float | None:
         """Send once. None when the event is done with (sent or given up), else seconds to wait."""
-        if event.route in self._disabled_routes:
+        import requests
+
+        if event.route in self._disabled_routes:  # switched off by a 404 since it was queued
+            if event.route == "validation-results":
+                self._metrics_instead(event.body)
             return None
         event.attempts += 1
         retry_after = None
@@ -895,6 +1061,8 @@ class Backend:
                 return None
             if code == 404:
                 self._disable(event.route)
+                if event.route == "validation-results":
+                    self._metrics_instead(event.body)
                 return None
             if code not in RETRY_STATUSES:
                 if (event.route, code) not in self._warned:
@@ -904,9 +1072,16 @@ class Backend:
                 return None
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
-        except Exception as e:  # connection refused, timeout, DNS: all retryable
+        except (requests.ConnectionError, requests.Timeout) as e:
+            refused = isinstance(e, requests.ConnectionError) and not isinstance(e, requests.ReadTimeout)
+            if refused and self._closed:
+                self._unreachable = True  # at exit, a backend that refuses connections is not waited for
+                LOGGER.warning("backend unreachable at exit: not waiting for it (%s)", type(e).__name__)
+                return 0.0
             problem = type(e).__name__
-        if event.attempts >= self.settings.max_attempts:
+        except Exception as e:
+            problem = type(e).__name__
+        if not event.critical and event.attempts >= self.settings.max_attempts:
             LOGGER.warning("giving up on %s %s after %d attempts (%s)", event.method, event.route, event.attempts, problem)
             return None
         backoff = random.uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (event.attempts - 1)))
@@ -914,21 +1089,23 @@ class Backend:
         return max(backoff, retry_after or 0.0)
 
     def close(self, timeout: float | None = None) -> int:
-        """Flush what is queued for up to `timeout` seconds, then stop. Returns events left unsent."""
-        if self._thread is None:
+        """Deliver what is queued for up to `timeout` seconds, then stop. Returns events left unsent."""
+        if not self._threads:
             return 0
         timeout = self.settings.flush_timeout if timeout is None else timeout
         with self._cond:
-            self._deadline = time.monotonic() + timeout
             self._closed = True
+            self._deadline = time.monotonic() + timeout
+            for e in self._queue:
+                e.not_before = 0.0  # one more try now, whatever the backoff said
             self._cond.notify_all()
-        self._thread.join(timeout)
+        for t in self._threads:
+            t.join(max(0.0, self._deadline - time.monotonic()) + 0.05)
         with self._cond:
             left = len(self._queue)
             self._queue.clear()
-            self._cond.notify_all()
         if left:
-            LOGGER.warning("%d callback event(s) not delivered within %.0f s; they are in the event log", left, timeout)
+            LOGGER.warning("%d callback event(s) not delivered; they are in the event log", left)
         return left
 
 

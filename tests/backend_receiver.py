@@ -50,8 +50,8 @@ def make_handler(args: argparse.Namespace):
             elif args.token and self.headers.get("X-Internal-Auth") != args.token:
                 code, answer = 403, {"detail": "bad internal auth"}
             elif route != "health" and roll < args.hang_rate:
-                self._record(method, route, body, "hang")
-                time.sleep(args.hang_seconds)  # the client times out; nothing was stored
+                self._record(method, route, body, "lost-answer")  # stored, but the answer never comes
+                time.sleep(args.hang_seconds)  # the client times out and sends the same event again
                 return
             elif route != "health" and roll < args.hang_rate + args.fail_rate:
                 code, answer = 500, {"detail": "injected failure"}
@@ -95,7 +95,7 @@ def main() -> None:
     parser.add_argument("--record", required=True)
     parser.add_argument("--token", default="")
     parser.add_argument("--fail-rate", type=float, default=0.0, help="answer 500 to this share of requests")
-    parser.add_argument("--hang-rate", type=float, default=0.0, help="never answer this share of requests")
+    parser.add_argument("--hang-rate", type=float, default=0.0, help="store but never answer this share of requests")
     parser.add_argument("--hang-seconds", type=float, default=30.0)
     parser.add_argument("--delay", type=float, default=0.0, help="answer every request after this many seconds")
     parser.add_argument("--missing-route", action="append", default=[], help="answer 404 on this route")
@@ -104,6 +104,7 @@ def main() -> None:
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args))
     server.daemon_threads = True
+    server.handle_error = lambda request, address: None  # clients that hang up at exit are expected
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -135,25 +135,32 @@ def with_group(proc: subprocess.Popen, sig: int) -> None:
 # ------------------------------------------------------------------------------------------
 
 
+def spawn_server(module: str, *args: str) -> tuple[subprocess.Popen, str]:
+    """Start a tests/ server module as its own process; returns it and its http://127.0.0.1:port."""
+    proc = subprocess.Popen([PYTHON, "-m", module, *args], cwd=ROOT, stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    line = proc.stdout.readline()
+    assert line.startswith("PORT "), f"{module} did not start: {line!r}"
+    return proc, f"http://127.0.0.1:{int(line.split()[1])}"
+
+
 class Receiver:
     """A running tests/backend_receiver.py process and what it recorded."""
 
     def __init__(self, folder: Path, token: str = AUTH_TOKEN, *options: str):
         self.record = folder / f"requests-{uuid.uuid4().hex[:8]}.jsonl"
         self.record.touch()
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "tests.backend_receiver", "--record", str(self.record), "--token", token, *options],
-            cwd=ROOT, stdout=subprocess.PIPE, text=True, start_new_session=True)
-        line = self.proc.stdout.readline()
-        assert line.startswith("PORT "), f"receiver did not start: {line!r}"
-        self.base = f"http://127.0.0.1:{int(line.split()[1])}"
+        self.proc, self.base = spawn_server("tests.backend_receiver", "--record", str(self.record), "--token", token,
+                                            *options)
 
     def url(self, job_id: str) -> str:
         return f"{self.base}/internal/training/{job_id}"
 
     def requests(self, route: str | None = None, stored_only: bool = True) -> list[dict]:
+        """What the receiver got; stored_only: what it kept (answered 200, or stored before hanging)."""
         entries = [json.loads(line) for line in self.record.read_text().splitlines() if line.strip()]
-        return [e for e in entries if (route is None or e["route"] == route) and (not stored_only or e["outcome"] == 200)]
+        return [e for e in entries if (route is None or e["route"] == route)
+                and (not stored_only or e["outcome"] in (200, "lost-answer"))]
 
     def bodies(self, route: str) -> list[dict]:
         return [e["body"] for e in self.requests(route)]
@@ -211,3 +218,13 @@ def run_entry(script: str, env: dict, cwd: Path, timeout: float = 300) -> subpro
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "YOLO_", "MINIO_", "R2_"))}
     return subprocess.run([PYTHON, str(ROOT / script)], env={**base, **env}, cwd=cwd, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def start_entry(script: str, env: dict, cwd: Path) -> subprocess.Popen:
+    """Start train.py or predict.py in the background (for signals); output goes to cwd/<script>.log."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "YOLO_", "MINIO_", "R2_"))}
+    log = open(cwd / f"{Path(script).stem}-{uuid.uuid4().hex[:6]}.log", "w")
+    proc = subprocess.Popen([PYTHON, str(ROOT / script)], env={**base, **env}, cwd=cwd, stdout=log,
+                            stderr=subprocess.STDOUT)
+    proc.log_path = Path(log.name)
+    return proc

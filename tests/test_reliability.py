@@ -1,0 +1,261 @@
+"""Fault injection: flaky, slow, dead and cancelling backends, signals, a crash and resume, flaky S3.
+
+Every fault comes from a real process on loopback (tests/backend_receiver.py, tests/s3_fault_proxy.py,
+or a signal to the trainer), bounded in time; the code under test is never patched. Wall-time
+comparisons use a reference run made in this module with a small absolute allowance for a shared
+2-core machine; bench/callbacks_bench.py measures the same ratios precisely.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import signal
+import time
+import uuid
+
+import pytest
+import torch
+
+from tests.conftest import (
+    FAST_TRAINING,
+    SECRETS,
+    Receiver,
+    free_port,
+    run_entry,
+    spawn_server,
+    start_entry,
+    storage_env,
+    wait_until,
+    with_group,
+)
+from tests.sample_data import make_dataset, make_zip
+
+EPOCHS = 3
+SLACK_S = 3.0  # absolute allowance on top of 10% for scheduler noise on a shared machine
+# Timed runs use epochs longer than the slow backend's 2 s answers, as real epochs are: the
+# per-route order of callbacks then never holds training back.
+TIMED = {"DATASET_ID": "big", "IMGSZ": "128"}
+
+
+@pytest.fixture(scope="module")
+def world(s3_server, s3, dataset_zip, tmp_path_factory):
+    """A bucket with the datasets, and a reference run with a healthy backend for wall-time comparisons."""
+    bucket = f"rel-{uuid.uuid4().hex[:10]}"
+    s3.create_bucket(Bucket=bucket)
+    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
+    folder = tmp_path_factory.mktemp("reference")
+    big = make_zip(make_dataset(folder / "big", "detect", n_train=96, n_val=16), folder / "big.zip")
+    s3.upload_file(str(big), bucket, "datasets/big.zip")
+    receiver = Receiver(folder)
+    world = {"bucket": bucket, "s3": s3, "s3_server": s3_server, "folder": tmp_path_factory}
+    env = job_env(world, receiver, folder, **TIMED)
+    started = time.monotonic()
+    result = run_entry("train.py", env, cwd=folder, timeout=300)
+    world["normal_wall"] = time.monotonic() - started
+    receiver.stop()
+    assert result.returncode == 0, result.stderr[-3000:]
+    return world
+
+
+def job_env(world: dict, receiver: Receiver | None, folder, **extra) -> dict:
+    job_id = extra.pop("JOB_ID", f"r{uuid.uuid4().hex[:7]}")
+    return {**storage_env(world["s3_server"], world["bucket"]), **FAST_TRAINING, "EPOCHS": str(EPOCHS),
+            "JOB_ID": job_id, "DATASET_ID": "ds", "MODEL_NAME": "yolo11n.yaml", "TRAIN_ARGS": '{"plots": false}',
+            "CALLBACK_URL": receiver.url(job_id) if receiver else f"http://127.0.0.1:{free_port()}/internal/training/{job_id}",
+            "INTERNAL_AUTH_TOKEN": SECRETS[2], "CALLBACK_TIMEOUT": "1", "CALLBACK_CONNECT_TIMEOUT": "1",
+            "WORK_DIR": str(folder / "work"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", **extra}
+
+
+def unique(entries: list[dict]) -> list[dict]:
+    """Stored requests de-duplicated by event_id, in order of first arrival."""
+    seen, out = set(), []
+    for e in entries:
+        if e["body"]["event_id"] not in seen:
+            seen.add(e["body"]["event_id"])
+            out.append(e)
+    return out
+
+
+def assert_final_status_last(stored: list[dict], status: str) -> None:
+    """The final status arrived once, after every other status and every validation result."""
+    critical = [e for e in stored if e["route"] in ("status", "validation-results")]
+    assert critical[-1]["body"]["status"] == status
+    assert [e["body"].get("status") for e in critical].count(status) == 1
+
+
+def stored_events(world: dict, job_id: str) -> list[dict]:
+    key = f"checkpoints/job-{job_id}/events.jsonl"
+    lines = world["s3"].get_object(Bucket=world["bucket"], Key=key)["Body"].read().decode().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def load_checkpoint(world: dict, job_id: str, name: str) -> dict:
+    data = world["s3"].get_object(Bucket=world["bucket"], Key=f"checkpoints/job-{job_id}/{name}")["Body"].read()
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+# ------------------------------------------------------------------------------------------
+# The backend misbehaves
+# ------------------------------------------------------------------------------------------
+
+
+def test_flaky_backend_gets_every_epoch_and_the_final_status_exactly_once(world, receiver_factory, tmp_path):
+    receiver = receiver_factory("--fail-rate", "0.15", "--hang-rate", "0.15", "--hang-seconds", "5", "--seed", "7")
+    env = job_env(world, receiver, tmp_path)
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    tries = receiver.requests(stored_only=False)
+    assert sum(e["outcome"] == 500 for e in tries) and sum(e["outcome"] == "lost-answer" for e in tries)
+    stored = unique(receiver.requests())
+    epochs = [e["body"]["epoch"] for e in stored if e["route"] == "validation-results"]
+    assert epochs == list(range(1, EPOCHS + 1))
+    assert_final_status_last(stored, "completed")
+    arrived = {e["body"]["event_id"] for e in stored}
+    for event in stored_events(world, env["JOB_ID"]):  # what the trainer emitted
+        progress = event["route"] == "status" and event["body"]["status"] == "running" and "epoch" in event["body"]
+        if event["route"] in ("status", "validation-results") and not progress:  # progress may be coalesced
+            assert event["body"]["event_id"] in arrived, event
+
+
+def test_backend_down_for_the_whole_run_costs_nothing(world, tmp_path):
+    env = job_env(world, None, tmp_path, **TIMED)
+    started = time.monotonic()
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert wall <= world["normal_wall"] * 1.10 + SLACK_S, (wall, world["normal_wall"])
+    events = stored_events(world, env["JOB_ID"])
+    assert [e["body"]["epoch"] for e in events if e["route"] == "validation-results"] == [1, 2, 3]
+    assert events[-1]["body"]["status"] == "completed"
+    assert "backend unreachable at exit: not waiting for it" in result.stderr
+
+
+def test_slow_backend_does_not_slow_training(world, receiver_factory, tmp_path):
+    receiver = receiver_factory("--delay", "2")
+    env = job_env(world, receiver, tmp_path, CALLBACK_TIMEOUT="10", **TIMED)
+    started = time.monotonic()
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    wall = time.monotonic() - started
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert wall <= world["normal_wall"] * 1.10 + SLACK_S, (wall, world["normal_wall"])
+    stored = receiver.requests()
+    assert [e["body"]["epoch"] for e in stored if e["route"] == "validation-results"] == [1, 2, 3]
+    assert_final_status_last(stored, "completed")
+
+
+def test_backend_cancellation_stops_the_job(world, receiver_factory, tmp_path):
+    receiver = receiver_factory("--cancel-after-epoch", "1")
+    env = job_env(world, receiver, tmp_path, EPOCHS="8", CALLBACK_HEALTH_INTERVAL="0.5")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 143, result.stderr[-3000:]
+    final = receiver.bodies("status")[-1]
+    assert final["status"] == "cancelled" and final["error"] == "cancelled by the backend" and final["exit_code"] == 143
+    assert 1 <= final["epochs_completed"] < 8
+    from mlflow import MlflowClient
+
+    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
+        [MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("project-default").experiment_id])[0]
+    assert run.info.status == "KILLED"
+
+
+# ------------------------------------------------------------------------------------------
+# Signals, crashes and resume
+# ------------------------------------------------------------------------------------------
+
+
+def test_sigterm_after_the_first_epoch_leaves_a_resumable_checkpoint(world, receiver_factory, tmp_path):
+    receiver = receiver_factory()
+    env = job_env(world, receiver, tmp_path, EPOCHS="20")
+    proc = start_entry("train.py", env, tmp_path)
+    try:
+        wait_until(lambda: receiver.bodies("validation-results"), 120, "the first epoch")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    log = proc.log_path.read_text()
+    assert code == 143, log[-3000:]
+    assert took < 30, took  # fits a Kubernetes grace period of 30 s
+    final = receiver.bodies("status")[-1]
+    assert final["status"] == "cancelled" and final["error"] == "received SIGTERM" and final["exit_code"] == 143
+    ckpt = load_checkpoint(world, env["JOB_ID"], "last.pt")
+    assert ckpt["optimizer"] is not None and 0 <= ckpt["epoch"] < 20  # resumable
+    assert stored_events(world, env["JOB_ID"])[-1]["body"]["status"] == "cancelled"
+
+
+def test_sigkill_then_the_same_command_resumes_and_finishes(world, mlflow_server, receiver_factory, tmp_path):
+    from mlflow import MlflowClient
+
+    receiver = receiver_factory()
+    experiment = f"resume-{uuid.uuid4().hex[:6]}"
+    env = job_env(world, receiver, tmp_path / "first", EPOCHS="4", MLFLOW_TRACKING_URI=mlflow_server,
+                  MLFLOW_EXPERIMENT_NAME=experiment, **TIMED)
+    (tmp_path / "first").mkdir()
+    proc = start_entry("train.py", env, tmp_path / "first")
+
+    def last_uploaded() -> int:
+        found = [re.search(r"last\.pt.* of epoch (\d+) uploaded", b["message"]) for b in receiver.bodies("logs")]
+        return max([int(m.group(1)) for m in found if m] or [0])
+
+    try:
+        wait_until(lambda: last_uploaded() >= 2, 240, "epoch 2's checkpoint in storage")
+        proc.kill()  # SIGKILL: no clean-up at all
+        proc.wait(30)
+    finally:
+        proc.kill()
+    done = last_uploaded()
+    assert done in (2, 3)  # killed mid-way through a 4-epoch job
+
+    (tmp_path / "second").mkdir()  # a new pod: nothing local survives, only storage
+    again = {**env, "WORK_DIR": str(tmp_path / "second" / "work")}
+    result = run_entry("train.py", again, cwd=tmp_path / "second", timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    epochs = [b["epoch"] for b in receiver.bodies("validation-results")]
+    assert epochs[epochs.index(done) + 1:] == list(range(done + 1, 5))  # the second run did only the rest
+    assert sorted(set(epochs)) == [1, 2, 3, 4]
+    assert any(b["message"] == f"resumed training at epoch {done + 1} of 4" for b in receiver.bodies("logs"))
+    final = receiver.bodies("status")[-1]
+    assert final["status"] == "completed" and final["epochs_completed"] == 4
+    client = MlflowClient(mlflow_server)
+    runs = client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+    assert len(runs) == 1 and runs[0].info.status == "FINISHED"
+    steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "mAP50"))
+    assert set(steps) == {1, 2, 3, 4} and len(steps) <= 5  # an epoch cut short by the kill may be logged twice
+
+
+def test_resume_false_starts_again(world, receiver_factory, tmp_path):
+    receiver = receiver_factory()
+    env = job_env(world, receiver, tmp_path, EPOCHS="2", RESUME="false", JOB_ID=f"nr{uuid.uuid4().hex[:6]}")
+    assert run_entry("train.py", env, cwd=tmp_path, timeout=300).returncode == 0
+    assert run_entry("train.py", env, cwd=tmp_path, timeout=300).returncode == 0
+    assert [b["epoch"] for b in receiver.bodies("validation-results")] == [1, 2, 1, 2]
+    assert not any("resumed" in b["message"] for b in receiver.bodies("logs"))
+
+
+# ------------------------------------------------------------------------------------------
+# Storage misbehaves
+# ------------------------------------------------------------------------------------------
+
+
+def test_flaky_storage_503s_and_dropped_connections_do_not_fail_the_job(world, receiver_factory, tmp_path):
+    faults = tmp_path / "faults.log"
+    proxy, url = spawn_server("tests.s3_fault_proxy", "--upstream", world["s3_server"], "--fail-rate", "0.2",
+                              "--record", str(faults), "--seed", "3")
+    try:
+        receiver = receiver_factory()
+        env = job_env(world, receiver, tmp_path, MINIO_ENDPOINT=url)
+        result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    finally:
+        with_group(proxy, signal.SIGTERM)
+    assert result.returncode == 0, result.stderr[-3000:]
+    kinds = [line.split()[0] for line in faults.read_text().splitlines()]
+    assert kinds.count("503") >= 2 and kinds.count("drop") >= 2, kinds
+    local = tmp_path / "work" / "jobs" / f"job-{env['JOB_ID']}" / "train" / "weights"
+    for name in ("best.pt", "last.pt"):
+        stored = world["s3"].get_object(Bucket=world["bucket"], Key=f"checkpoints/job-{env['JOB_ID']}/{name}")["Body"].read()
+        assert stored == (local / name).read_bytes()  # intact, byte for byte
+    assert receiver.bodies("status")[-1]["status"] == "completed"
