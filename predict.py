@@ -43,6 +43,7 @@ from utils import (
     available_cpus,
     default_device,
     load_settings,
+    log_configuration,
     prepare_ultralytics,
     setup_logging,
 )
@@ -289,7 +290,7 @@ def main() -> int:
     sys.stdout = sys.stderr
     try:
         settings = load_settings(os.environ, "predict")
-        LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
+        log_configuration(settings)
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         model = load_model(fetch_checkpoint(storage, settings), settings)

@@ -15,6 +15,7 @@ message and exits with the contract's code (see README, "Exit codes").
 from __future__ import annotations
 
 import contextlib
+import difflib
 import hashlib
 import json
 import logging
@@ -49,10 +50,13 @@ from utils import (
     archive_kind,
     available_cpus,
     backend_settings,
+    check_dataset,
     default_device,
     extract_archive,
     find_dataset_root,
+    infer_task,
     load_settings,
+    log_configuration,
     now_iso,
     prepare_ultralytics,
     resolve_data_yaml,
@@ -84,9 +88,16 @@ class Tracker:
         self._params: set[str] = set()
 
     def start(self) -> None:
-        # MLflow's HTTP defaults (7 retries, 120 s timeout) would stall a job for minutes on a dead server.
+        # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) would stall a job for
+        # minutes on a dead server.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        verify = self.settings.storage.verify  # TLS_VERIFY / TLS_CA_BUNDLE apply to MLflow too
+        if verify is False:
+            os.environ.setdefault("MLFLOW_TRACKING_INSECURE_TLS", "true")
+        elif isinstance(verify, str):
+            os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", verify)
         try:
             from mlflow import MlflowClient
 
@@ -406,6 +417,9 @@ def download_dataset(storage: Storage, settings: Settings) -> Path:
         info = storage.head(loc)
         if info is None:
             raise StorageNotFound(f"dataset {storage.uri(loc)} does not exist")
+        if info.size > settings.dataset_max_bytes:
+            raise BadInput(f"dataset {storage.uri(loc)} is {info.size} bytes, more than DATASET_MAX_BYTES="
+                           f"{settings.dataset_max_bytes}")
         folder = _cache_dir(settings, loc.key, info.etag)
         if folder.is_dir():
             LOGGER.info("dataset %s already extracted at %s", storage.uri(loc), folder)
@@ -413,7 +427,7 @@ def download_dataset(storage: Storage, settings: Settings) -> Path:
             archive = settings.work_dir / "downloads" / (folder.name + archive_kind(loc.key))
             storage.download(loc, archive, info)
             try:
-                _extract_into(archive, folder)
+                _extract_into(archive, folder, settings)
             finally:
                 archive.unlink(missing_ok=True)
     root = find_dataset_root(folder)
@@ -435,20 +449,53 @@ def _cache_dir(settings: Settings, name: str, version: str) -> Path:
 def _extract_cached(archive: Path, settings: Settings, version: str) -> Path:
     folder = _cache_dir(settings, str(archive.resolve()), version)
     if not folder.is_dir():
-        _extract_into(archive, folder)
+        _extract_into(archive, folder, settings)
     return folder
 
 
-def _extract_into(archive: Path, folder: Path) -> None:
+def _extract_into(archive: Path, folder: Path, settings: Settings) -> None:
     """Extract next to folder, then rename: a half-extracted dataset never looks complete."""
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         LOGGER.info("extracting %s", archive.name)
-        extract_archive(archive, tmp)
+        extract_archive(archive, tmp, settings.dataset_max_bytes, settings.dataset_max_files)
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_dataset_or_fail(data: Path, settings: Settings, backend: Backend) -> None:
+    """DATASET_CHECK=strict: any problem fails the job with one report; warn: report and go on."""
+    if settings.dataset_check == "off":
+        return
+    started = time.monotonic()
+    report = check_dataset(data, settings.task or infer_task(settings.model_name))
+    LOGGER.info("dataset check done in %.1f s", time.monotonic() - started)
+    if report and settings.dataset_check == "strict":
+        raise BadInput(report.text())
+    if report:
+        LOGGER.warning("%s", report.text())
+        backend.log(report.text(), level="WARNING")
+
+
+def ultralytics_arg_problems(args: dict, work_dir: Path) -> list[str]:
+    """TRAIN_ARGS through Ultralytics' own checks: unknown keys (with suggestions), then types and ranges."""
+    prepare_ultralytics(work_dir)
+    from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
+
+    problems = []
+    for key, value in args.items():
+        if key not in DEFAULT_CFG_DICT:
+            close = difflib.get_close_matches(key, list(DEFAULT_CFG_DICT), n=2)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            problems.append(f"TRAIN_ARGS: {key!r} is not an Ultralytics training argument{hint}")
+            continue
+        try:
+            check_cfg({key: value}, hard=True)
+        except (TypeError, ValueError) as e:
+            problems.append(f"TRAIN_ARGS: {e}")
+    return problems
 
 
 def resolve_model(storage: Storage, settings: Settings) -> str:
@@ -649,11 +696,11 @@ def main() -> int:
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)
     try:
-        settings = load_settings(os.environ, "train")
+        settings = load_settings(os.environ, "train", check_train_args=ultralytics_arg_problems)
     except ConfigError as e:
         return report_config_error(e, redact)
 
-    LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
+    log_configuration(settings)
     stop = StopSignal()
     stop.install()
     event_log = job_dir(settings) / "events.jsonl"
@@ -669,6 +716,7 @@ def main() -> int:
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         data = download_dataset(storage, settings)
+        check_dataset_or_fail(data, settings, backend)
         backend.log(f"dataset ready: {settings.dataset_uri}")
         stop.check()
         save_dir, resume_from = prepare_run(storage, settings)

@@ -42,7 +42,7 @@ import uuid
 import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 LOGGER = logging.getLogger("trainer")
 
@@ -72,6 +72,7 @@ TASK_ALIASES = {
 STORAGE_TYPES = ("minio", "r2", "s3", "local")
 SECRET_NAME_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 # Every variable the trainer reads, with its default ("" = unset). .env.example and the README
 # list the same names; tests/test_config.py keeps the three in step.
@@ -94,9 +95,14 @@ ENV_VARS: dict[str, str] = {
     "RESUME": "auto",
     "CHECKPOINT_INTERVAL": "1",
     "SHUTDOWN_TIMEOUT": "20",
+    "DATASET_MAX_BYTES": "100000000000",
+    "DATASET_MAX_FILES": "5000000",
+    "DATASET_CHECK": "strict",
     "PRETRAINED_PREFIX": "models/",
     "WEIGHTS_DOWNLOAD": "true",
     "LOG_LEVEL": "INFO",
+    "TLS_CA_BUNDLE": "",
+    "TLS_VERIFY": "true",
     # backend callbacks
     "CALLBACK_URL": "",
     "INTERNAL_AUTH_TOKEN": "",
@@ -226,6 +232,13 @@ def setup_logging(environ: Mapping[str, str], redact: Redactor) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def log_configuration(settings: "Settings") -> None:
+    """The effective configuration, once, secrets masked; a loud warning if TLS checks are off."""
+    LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
+    if settings.storage.verify is False:
+        LOGGER.warning("TLS certificate verification is OFF (TLS_VERIFY=false) for storage, backend and MLflow")
+
+
 def now_iso() -> str:
     """Current UTC time, ISO 8601 with a Z suffix."""
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
@@ -256,6 +269,7 @@ class StorageSettings:
     max_attempts: int = 8
     timeout: float = 60.0
     checksum: str = "when_required"  # boto3 request/response checksum mode
+    verify: bool | str = True  # TLS: True, False (TLS_VERIFY=false), or a CA bundle path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -267,6 +281,7 @@ class BackendSettings:
     max_attempts: int = 8
     flush_timeout: float = 10.0
     health_interval: float = 30.0
+    verify: bool | str = True  # TLS: True, False (TLS_VERIFY=false), or a CA bundle path
 
 
 @dataclasses.dataclass(frozen=True)
@@ -289,6 +304,9 @@ class Settings:
     resume: bool
     checkpoint_interval: int  # upload last.pt every N epochs during training
     shutdown_timeout: float  # seconds from a stop request to exit: below the pod's grace period
+    dataset_max_bytes: int  # caps on an archive's uncompressed size and file count
+    dataset_max_files: int
+    dataset_check: str  # strict | warn | off
     pretrained_prefix: str
     weights_download: bool
     mlflow_tracking_uri: str
@@ -364,6 +382,21 @@ class _Env:
         self.problems.append(f"{name}={raw!r} must be true or false")
         return False
 
+    def reference(self, name: str, required: bool = False) -> str | None:
+        """A storage key, s3:// URI or local path: sane length, no control characters, a valid bucket."""
+        value = self.str(name, required)
+        if not value:
+            return value
+        if len(value) > 1024 or re.search(r"[\x00-\x1f\x7f]", value):
+            self.problems.append(f"{name} must be at most 1024 characters with no control characters")
+        elif value.startswith("s3://"):
+            bucket, _, key = value[5:].partition("/")
+            segments = key.split("/")  # a trailing "/" (a prefix) is the only empty segment allowed
+            if not S3_BUCKET.fullmatch(bucket) or not key or "" in segments[:-1] or ".." in segments:
+                self.problems.append(f"{name}={value!r} must be s3://bucket/key with a valid bucket name, "
+                                     "no empty path segments and no '..'")
+        return value
+
     def identifier(self, name: str, required: bool = False, default: str | None = None) -> str | None:
         value = self.str(name, required, default)
         if value and not ID_PATTERN.match(value):
@@ -372,8 +405,15 @@ class _Env:
         return value
 
 
-def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
+def load_settings(environ: Mapping[str, str], entry: str = "train",
+                  check_train_args: Callable[[dict, Path], list[str]] | None = None) -> Settings:
     """Build the settings of train.py (entry='train') or predict.py (entry='predict').
+
+    Args:
+        environ: the environment (a plain dict in tests).
+        entry: which entry point the settings are for.
+        check_train_args: validates TRAIN_ARGS against Ultralytics' own configuration check
+            (train.py passes one; it needs Ultralytics, which this module does not import).
 
     Raises:
         ConfigError: listing every missing or invalid variable at once.
@@ -388,12 +428,12 @@ def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
     if task_raw and not task:
         env.problems.append(f"TASK_TYPE={task_raw!r} must be one of {', '.join(TASK_ALIASES)}")
 
-    model_name = env.str("MODEL_NAME")
+    model_name = env.reference("MODEL_NAME")
     if ".." in PurePosixPath(model_name).parts:
         env.problems.append(f"MODEL_NAME={model_name!r} must not contain '..'")
 
     dataset_id = env.identifier("DATASET_ID")
-    dataset_uri = env.str("DATASET_URI") or (DATASET_KEY.format(dataset_id=dataset_id) if dataset_id else None)
+    dataset_uri = env.reference("DATASET_URI") or (DATASET_KEY.format(dataset_id=dataset_id) if dataset_id else None)
     if training and not dataset_uri:
         env.problems.append("DATASET_ID (or DATASET_URI) is required")
 
@@ -413,24 +453,33 @@ def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
 
     train_args = _parse_train_args(env)
     work_dir = Path(env.str("WORK_DIR") or Path(tempfile.gettempdir()) / "yolo-trainer").expanduser().resolve()
+    if training and check_train_args and train_args:
+        env.problems.extend(check_train_args(train_args, work_dir))
+    dataset_check = (env.str("DATASET_CHECK") or "").lower()
+    if dataset_check not in ("strict", "warn", "off"):
+        env.problems.append(f"DATASET_CHECK={dataset_check!r} must be strict, warn or off")
+    env.flag("TLS_VERIFY")  # validated here once; _tls_verify applies it
+    ca_bundle = env.str("TLS_CA_BUNDLE")
+    if ca_bundle and not Path(ca_bundle).expanduser().is_file():
+        env.problems.append(f"TLS_CA_BUNDLE={ca_bundle!r} is not a file")
 
     resume_raw = (env.str("RESUME") or "").lower()
     if resume_raw not in ("auto", "true", "1", "yes", "false", "0", "no"):
         env.problems.append(f"RESUME={resume_raw!r} must be auto or false")
 
-    prefix = env.str("PRETRAINED_PREFIX") or ""
+    prefix = env.reference("PRETRAINED_PREFIX") or ""
     prefix = prefix if prefix.endswith("/") or not prefix else prefix + "/"
 
     tracking_uri = env.str("MLFLOW_TRACKING_URI") or f"sqlite:///{work_dir / 'mlflow.db'}"
     experiment = env.str("MLFLOW_EXPERIMENT_NAME") or f"project-{project_id}"
 
-    checkpoint_uri = env.str("CHECKPOINT_URI")
+    checkpoint_uri = env.reference("CHECKPOINT_URI")
     if entry == "predict" and not checkpoint_uri:
         if job_id:
             checkpoint_uri = CHECKPOINT_PREFIX.format(job_id=job_id) + "best.pt"
         else:
             env.problems.append("CHECKPOINT_URI (or JOB_ID, for that job's best.pt) is required")
-    input_uri = env.str("INPUT_URI", required=entry == "predict")
+    input_uri = env.reference("INPUT_URI", required=entry == "predict")
 
     settings = Settings(
         job_id=job_id,
@@ -449,6 +498,9 @@ def load_settings(environ: Mapping[str, str], entry: str = "train") -> Settings:
         resume=resume_raw in ("auto", "true", "1", "yes"),
         checkpoint_interval=env.number("CHECKPOINT_INTERVAL", int, 1, 10_000, "an integer >= 1"),
         shutdown_timeout=env.number("SHUTDOWN_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"),
+        dataset_max_bytes=env.number("DATASET_MAX_BYTES", int, 1, 10**15, "a number of bytes >= 1"),
+        dataset_max_files=env.number("DATASET_MAX_FILES", int, 1, 10**10, "a number of files >= 1"),
+        dataset_check=dataset_check,
         pretrained_prefix=prefix,
         weights_download=env.flag("WEIGHTS_DOWNLOAD"),
         mlflow_tracking_uri=tracking_uri,
@@ -478,7 +530,7 @@ RESERVED_TRAIN_ARGS = {
 
 
 def _output_prefix(env: _Env) -> str | None:
-    value = env.str("PREDICT_OUTPUT_URI")
+    value = env.reference("PREDICT_OUTPUT_URI")
     if value and not value.endswith("/"):
         value += "/"  # a prefix: predictions.json and images/ go under it
     return value
@@ -500,6 +552,17 @@ def _parse_train_args(env: _Env) -> dict:
     return {k: v for k, v in args.items() if k not in RESERVED_TRAIN_ARGS}
 
 
+def _tls_verify(env: _Env) -> bool | str:
+    """TLS certificate checking for storage, backend and MLflow: on, off, or a CA bundle.
+
+    Only an explicit false/0/no/off turns it off (load_settings reports other bad values).
+    """
+    if (env.environ.get("TLS_VERIFY") or "").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    ca = env.environ.get("TLS_CA_BUNDLE", "").strip()
+    return str(Path(ca).expanduser()) if ca else True
+
+
 def _storage_settings(env: _Env) -> StorageSettings:
     kind = (env.str("STORAGE_TYPE") or "").lower()
     bucket = env.str("STORAGE_BUCKET")
@@ -508,7 +571,8 @@ def _storage_settings(env: _Env) -> StorageSettings:
         env.problems.append(f"STORAGE_CHECKSUM={checksum!r} must be when_required or when_supported")
         checksum = "when_required"
     common = {"max_attempts": env.number("STORAGE_MAX_ATTEMPTS", int, 1, 100, "an integer from 1 to 100"),
-              "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"), "checksum": checksum}
+              "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"), "checksum": checksum,
+              "verify": _tls_verify(env)}
     if kind == "minio":
         endpoint = env.str("MINIO_ENDPOINT")
         if "://" not in endpoint:
@@ -542,6 +606,7 @@ def backend_settings(env: _Env | Mapping[str, str]) -> BackendSettings:
         max_attempts=env.number("CALLBACK_MAX_ATTEMPTS", int, 1, 1000, "an integer from 1 to 1000"),
         flush_timeout=env.number("CALLBACK_FLUSH_TIMEOUT", float, 0, 600, "seconds from 0 to 600"),
         health_interval=env.number("CALLBACK_HEALTH_INTERVAL", float, 0, 86400, "seconds, 0 = never"),
+        verify=_tls_verify(env),
     )
 
 
@@ -582,6 +647,7 @@ class Storage:
         self.settings = settings
         self.bucket = settings.bucket
         self._s3 = None if settings.type == "local" else self._client(settings)
+        self._buckets_seen: set[str] = set()
 
     @staticmethod
     def _client(s: StorageSettings):
@@ -601,7 +667,8 @@ class Storage:
         )
         return boto3.session.Session().client(
             "s3", endpoint_url=s.endpoint, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key,
-            region_name=s.region, config=config)
+            # None keeps boto3's own default (AWS_CA_BUNDLE, else its bundled CAs)
+            region_name=s.region, config=config, verify=None if s.verify is True else s.verify)
 
     # -- addressing -------------------------------------------------------------------------
 
@@ -639,8 +706,19 @@ class Storage:
             with self._errors("look up", loc):
                 meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key)
         except StorageNotFound:
+            self._check_bucket(loc)  # a HEAD cannot tell a missing object from a missing bucket
             return None
         return ObjectInfo(meta["ContentLength"], meta.get("ETag", "").strip('"'))
+
+    def _check_bucket(self, loc: Location) -> None:
+        if loc.bucket in self._buckets_seen:
+            return
+        try:
+            with self._errors("look up", Location(loc.bucket, "")):
+                self._s3.head_bucket(Bucket=loc.bucket)
+        except StorageNotFound:
+            raise BadInput(f"bucket {loc.bucket} does not exist (check STORAGE_BUCKET and the URIs)") from None
+        self._buckets_seen.add(loc.bucket)
 
     def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None) -> Path:
         """Download to dest atomically: a .part file, renamed once its size and MD5 are verified.
@@ -772,7 +850,7 @@ class Storage:
     def _errors(self, action: str, loc: Location):
         """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
         from boto3.exceptions import S3UploadFailedError
-        from botocore.exceptions import BotoCoreError, ClientError
+        from botocore.exceptions import BotoCoreError, ClientError, SSLError
 
         try:
             yield
@@ -789,6 +867,9 @@ class Storage:
                 raise BadInput(f"storage refused to {action} {where}: {code or status} "
                                "(check the bucket name and the storage credentials)") from None
             raise TransientError(f"storage failed to {action} {where}: {code or status or e}") from None
+        except SSLError:
+            raise BadInput(f"the TLS certificate of {self.settings.endpoint or 'the storage endpoint'} is not "
+                           "trusted (set TLS_CA_BUNDLE to its CA)") from None
         except BotoCoreError as e:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
 
@@ -908,7 +989,8 @@ class Backend:
             return None
         try:
             response = self._http().get(f"{self.settings.url}/health", headers=self._headers(),
-                                        timeout=(self.settings.connect_timeout, self.settings.timeout))
+                                        timeout=(self.settings.connect_timeout, self.settings.timeout),
+                                        verify=self.settings.verify)
             if response.status_code == 404:
                 self._disable("health")
                 return None
@@ -1053,9 +1135,10 @@ class Backend:
         event.attempts += 1
         retry_after = None
         try:
+            # verify per request: a session's verify loses to REQUESTS_CA_BUNDLE in the environment
             response = self._http().request(
                 event.method, f"{self.settings.url}/{event.route}", json=event.body, headers=self._headers(),
-                timeout=(self.settings.connect_timeout, self.settings.timeout))
+                timeout=(self.settings.connect_timeout, self.settings.timeout), verify=self.settings.verify)
             code = response.status_code
             if code < 400:
                 return None
@@ -1067,8 +1150,9 @@ class Backend:
             if code not in RETRY_STATUSES:
                 if (event.route, code) not in self._warned:
                     self._warned.add((event.route, code))
-                    LOGGER.warning("backend rejected %s %s with %d: %s", event.method, event.route, code,
-                                   self.redact(response.text[:200]))
+                    hint = " (check INTERNAL_AUTH_TOKEN)" if code in (401, 403) else ""
+                    LOGGER.error("backend rejected %s %s with %d%s: %s", event.method, event.route, code, hint,
+                                 self.redact(response.text[:200]))
                 return None
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
@@ -1135,46 +1219,104 @@ def archive_kind(name: str) -> str | None:
     return next((s for s in ARCHIVE_SUFFIXES if lower.endswith(s)), None)
 
 
-def extract_archive(archive: Path, dest: Path) -> Path:
-    """Extract a zip or tar archive into dest, refusing entries that would land outside it."""
-    dest.mkdir(parents=True, exist_ok=True)
+def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_files: int = 10**8) -> Path:
+    """Extract a zip or tar archive into dest, treating every entry as hostile.
+
+    Every entry is checked before anything is written: a path that would land outside dest
+    ('..', absolute, a drive letter, backslash tricks) refuses the archive; the declared
+    uncompressed total and file count must be within the caps (DATASET_MAX_BYTES,
+    DATASET_MAX_FILES) and fit on the disk. Links, devices and other special entries are
+    skipped with a warning. While writing, the real byte count is enforced too, so an archive
+    whose headers understate its size (a zip bomb) stops at the cap.
+    """
+    import gzip
+    import lzma
+
     root = dest.resolve()
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                for info in zf.infolist():
-                    target = _safe_target(root, info.filename)
-                    mode = info.external_attr >> 16
-                    if stat.S_ISLNK(mode):
-                        LOGGER.warning("skipping symbolic link %s in %s", info.filename, archive.name)
-                        continue
-                    if info.is_dir():
+                entries = [(info, _safe_target(root, info.filename), _zip_kind(info)) for info in zf.infolist()]
+                _check_caps(archive, dest, [i.file_size for i, _, kind in entries if kind == "file"], max_bytes, max_files)
+                budget = _Budget(archive, max_bytes)
+                for info, target, kind in entries:
+                    if kind == "dir":
                         target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with zf.open(info) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out, 1 << 20)
+                    elif kind == "file":
+                        with zf.open(info) as src:
+                            budget.copy(src, target)
+                    else:
+                        LOGGER.warning("skipping %s in %s: a %s", info.filename, archive.name, kind)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                for member in tf:
-                    target = _safe_target(root, member.name)
+                members = tf.getmembers()  # every header, before anything is written
+                entries = [(m, _safe_target(root, m.name)) for m in members]
+                _check_caps(archive, dest, [m.size for m in members if m.isfile()], max_bytes, max_files)
+                budget = _Budget(archive, max_bytes)
+                for member, target in entries:
                     if member.isdir():
                         target.mkdir(parents=True, exist_ok=True)
                     elif member.isfile():
-                        target.parent.mkdir(parents=True, exist_ok=True)
-                        with tf.extractfile(member) as src, open(target, "wb") as out:
-                            shutil.copyfileobj(src, out, 1 << 20)
+                        with tf.extractfile(member) as src:
+                            budget.copy(src, target)
                     else:
-                        LOGGER.warning("skipping %s in %s: not a regular file", member.name, archive.name)
+                        kind = "link" if member.issym() or member.islnk() else "special file"
+                        LOGGER.warning("skipping %s in %s: a %s", member.name, archive.name, kind)
         else:
             raise BadInput(f"{archive.name} is not a zip or tar archive")
-    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error) as e:
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
+            gzip.BadGzipFile, lzma.LZMAError) as e:
         raise BadInput(f"{archive.name} is corrupt or truncated: {e}") from None
+    dest.mkdir(parents=True, exist_ok=True)
     return dest
 
 
+def _zip_kind(info: zipfile.ZipInfo) -> str:
+    """file, dir, link or special file; many tools write no Unix file type at all (plain files)."""
+    kind = stat.S_IFMT(info.external_attr >> 16)
+    if kind == stat.S_IFLNK:
+        return "link"
+    if info.is_dir():
+        return "dir"
+    if kind not in (0, stat.S_IFREG):
+        return "special file"
+    return "file"
+
+
+def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int, max_files: int) -> None:
+    total = sum(sizes)
+    if len(sizes) > max_files:
+        raise BadInput(f"{archive.name} holds {len(sizes)} files, more than DATASET_MAX_FILES={max_files}")
+    if total > max_bytes:
+        raise BadInput(f"{archive.name} expands to {human_size(total)}, more than DATASET_MAX_BYTES={max_bytes}")
+    dest.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(dest).free
+    if total > free:
+        raise TransientError(f"{archive.name} expands to {human_size(total)} but only {human_size(free)} "
+                             f"is free in {dest.parent}")
+
+
+class _Budget:
+    """Counts the bytes really written while extracting, against DATASET_MAX_BYTES."""
+
+    def __init__(self, archive: Path, max_bytes: int):
+        self.archive, self.left = archive, max_bytes
+
+    def copy(self, src, target: Path) -> None:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(target, "wb") as out:
+            while chunk := src.read(1 << 20):
+                self.left -= len(chunk)
+                if self.left < 0:
+                    raise BadInput(f"{self.archive.name} expands beyond DATASET_MAX_BYTES "
+                                   "(its headers understate its size)")
+                out.write(chunk)
+
+
 def _safe_target(root: Path, name: str) -> Path:
-    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
+    """Where an archive entry would land; refuses any that would land outside root."""
+    name = name.replace("\\", "/")  # Windows tools write backslashes; they must not hide a '..'
+    if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
         raise BadInput(f"archive entry {name!r} has an absolute path")
     target = (root / name).resolve()
     if target != root and root not in target.parents:
@@ -1264,6 +1406,202 @@ def _rebase(base: Path, root: Path, value: Any, split: str) -> Any:
     return str(target)
 
 
+# -- dataset check ---------------------------------------------------------------------------
+
+
+class DatasetReport:
+    """Problems found in a dataset: a few examples with file and line, then a count."""
+
+    SHOWN = 10
+
+    def __init__(self):
+        self.problems: list[str] = []
+
+    def add(self, where: str, what: str) -> None:
+        self.problems.append(f"{where}: {what}")
+
+    def __bool__(self) -> bool:
+        return bool(self.problems)
+
+    def text(self) -> str:
+        shown = self.problems[: self.SHOWN]
+        more = len(self.problems) - len(shown)
+        return (f"dataset check found {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown)
+                + (f"\n  - ... and {more} more" if more else ""))
+
+
+def infer_task(model_name: str) -> str | None:
+    """The task a model name implies (yolo11n-seg -> segment); None for a checkpoint file."""
+    if model_name.endswith(".pt") or model_name.startswith("s3://"):
+        return None
+    stem = PurePosixPath(model_name).stem.lower()
+    for suffix, task in (("-seg", "segment"), ("-cls", "classify"), ("-pose", "pose"), ("-obb", "obb")):
+        if stem.endswith(suffix) or f"{suffix}-" in stem or f"{suffix}." in stem:
+            return task
+    return "detect"
+
+
+def check_dataset(data: Path, task: str | None) -> DatasetReport:
+    """Check a prepared dataset (a resolved data.yaml, or a classification folder) before training."""
+    report = DatasetReport()
+    if data.suffix in (".yaml", ".yml"):
+        _check_yaml_dataset(data, task, report)
+    else:
+        _check_classification_dataset(data, report)
+    return report
+
+
+def _check_yaml_dataset(data_yaml: Path, task: str | None, report: DatasetReport) -> None:
+    import yaml
+
+    cfg = yaml.safe_load(data_yaml.read_text(encoding="utf-8"))
+    names, nc = cfg.get("names"), cfg.get("nc")
+    if isinstance(names, dict):
+        keys = sorted(names, key=str)
+        if sorted(int(k) if str(k).isdigit() else -1 for k in keys) != list(range(len(keys))):
+            report.add("data.yaml", f"names keys must be 0..{len(keys) - 1}, got {keys[:5]}")
+    elif names is not None and not isinstance(names, list):
+        report.add("data.yaml", "names must be a list or a mapping of class ids to names")
+    if nc is not None and (not isinstance(nc, int) or nc < 1):
+        report.add("data.yaml", f"nc must be a positive integer, got {nc!r}")
+    elif nc is not None and names is not None and isinstance(names, (list, dict)) and nc != len(names):
+        report.add("data.yaml", f"nc is {nc} but names lists {len(names)} classes")
+    classes = len(names) if isinstance(names, (list, dict)) else (nc if isinstance(nc, int) else 0)
+    kpt = cfg.get("kpt_shape")
+    if task == "pose" and not (isinstance(kpt, list) and len(kpt) == 2 and kpt[1] in (2, 3) and kpt[0] >= 1):
+        report.add("data.yaml", f"a pose dataset needs kpt_shape: [keypoints, 2 or 3], got {kpt!r}")
+        kpt = None
+    images_checked = []
+    for split in ("train", "val"):
+        images = _split_images(cfg.get(split), report, split)
+        if not images:
+            report.add(f"data.yaml {split}", f"no images found in {cfg.get(split)}")
+        for image in images:
+            label = _label_path(image)
+            if label.is_file():
+                _check_label_file(label, task, classes, kpt, report)
+        images_checked.extend(images)
+    _check_images(images_checked, report)
+
+
+def _split_images(value: Any, report: DatasetReport, split: str) -> list[Path]:
+    """The images of a split: a folder (searched recursively), a .txt list of paths, or a list of either."""
+    if value is None:
+        return []
+    if isinstance(value, list):
+        return [img for v in value for img in _split_images(v, report, split)]
+    path = Path(value)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.suffix == ".txt" and path.is_file():
+        base = path.parent
+        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
+        images = [(base / line).resolve() if not Path(line).is_absolute() else Path(line) for line in lines if line]
+        missing = [str(p) for p in images if not p.is_file()]
+        for m in missing[:3]:
+            report.add(f"{path.name}", f"lists {m}, which does not exist")
+        if len(missing) > 3:
+            report.add(f"{path.name}", f"{len(missing) - 3} more listed images do not exist")
+        return [p for p in images if p.is_file()]
+    report.add(f"data.yaml {split}", f"{value} is neither a folder nor a .txt list of images")
+    return []
+
+
+def _label_path(image: Path) -> Path:
+    """Ultralytics' convention: the last /images/ becomes /labels/, the suffix .txt."""
+    parts = list(image.parts)
+    for i in range(len(parts) - 2, -1, -1):
+        if parts[i] == "images":
+            parts[i] = "labels"
+            break
+    return Path(*parts).with_suffix(".txt")
+
+
+def _check_label_file(label: Path, task: str | None, classes: int, kpt: list | None, report: DatasetReport) -> None:
+    where = "/".join(label.parts[-3:])
+    try:
+        lines = label.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError:
+        report.add(where, "is not a text file")
+        return
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        values = line.split()
+        problem = _label_problem(values, task, classes, kpt)
+        if problem:
+            report.add(f"{where} line {number}", problem)
+
+
+def _label_problem(values: list[str], task: str | None, classes: int, kpt: list | None) -> str | None:
+    try:
+        numbers = [float(v) for v in values]
+    except ValueError:
+        return "has a value that is not a number"
+    n = len(numbers)
+    if task == "obb" and n != 9:
+        return f"has {n} values; an oriented box is: class x1 y1 x2 y2 x3 y3 x4 y4"
+    if task == "pose" and kpt and n != 5 + kpt[0] * kpt[1]:
+        return f"has {n} values; a pose label is: class x y w h and {kpt[0]} keypoints of {kpt[1]} values"
+    if task == "segment" and (n < 7 or n % 2 == 0):
+        return f"has {n} values; a segment label is: class and at least 3 x y points"
+    if task in (None, "detect") and n != 5 and (n < 7 or n % 2 == 0):
+        return f"has {n} values; a box label is: class x_center y_center width height"
+    cls = numbers[0]
+    if not math.isfinite(cls) or cls != int(cls) or not 0 <= cls < max(classes, 1):
+        return f"class {values[0]} is out of range (the dataset has {classes} classes: 0..{classes - 1})"
+    coords = numbers[1:]
+    if task == "pose" and kpt and kpt[1] == 3:  # every third keypoint value is a visibility flag
+        coords = numbers[1:5] + [v for i, v in enumerate(numbers[5:]) if i % 3 != 2]
+    bad = next((v for v in coords if not (math.isfinite(v) and 0.0 <= v <= 1.0)), None)
+    if bad is not None:
+        return f"coordinate {bad:g} is outside [0, 1] (labels are normalised to the image size)"
+    return None
+
+
+def _check_images(images: list[Path], report: DatasetReport) -> None:
+    """Every image opens and is at least 10x10 pixels (what Ultralytics requires)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def problem(path: Path) -> str | None:
+        from PIL import Image
+
+        try:
+            with Image.open(path) as im:
+                im.verify()
+                width, height = im.size
+        except Exception as e:
+            return f"cannot be read as an image ({type(e).__name__})"
+        return "is smaller than 10x10 pixels" if min(width, height) < 10 else None
+
+    with ThreadPoolExecutor(8) as pool:
+        for path, found in zip(images, pool.map(problem, images)):
+            if found:
+                report.add("/".join(path.parts[-3:]), found)
+
+
+def _check_classification_dataset(root: Path, report: DatasetReport) -> None:
+    splits = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    if "train" not in splits:
+        report.add(str(root.name), "a classification dataset needs a train/ folder of class folders")
+        return
+    if "val" not in splits and "test" not in splits:
+        report.add(str(root.name), "a classification dataset needs a val/ (or test/) folder of class folders")
+    train_classes = {p.name for p in splits["train"].iterdir() if p.is_dir()}
+    if not train_classes:
+        report.add("train/", "has no class folders")
+    images = []
+    for split, folder in splits.items():
+        for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
+            found = sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found and split == "train":
+                report.add(f"{split}/{cls.name}/", "has no images")
+            if split != "train" and cls.name not in train_classes:
+                report.add(f"{split}/{cls.name}/", "is a class that train/ does not have")
+            images.extend(found)
+    _check_images(images, report)
+
+
 # ----------------------------------------------------------------------------------------------
 # 7. Ultralytics set-up
 # ----------------------------------------------------------------------------------------------
@@ -1272,12 +1610,14 @@ def _rebase(base: Path, root: Path, value: Any, split: str) -> Any:
 def prepare_ultralytics(work_dir: Path) -> None:
     """Keep Ultralytics offline and inside the work folder; call before importing ultralytics.
 
-    Its settings file lives in YOLO_CONFIG_DIR (default: the work folder), analytics and its
+    Its settings file lives in YOLO_CONFIG_DIR and matplotlib's cache in MPLCONFIGDIR (default:
+    the work folder, so nothing is written outside it), analytics and its
     own MLflow callback are off (the trainer owns the MLflow run), and the fonts it would
     download for plots are provided from matplotlib's bundled DejaVu Sans.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(work_dir / "ultralytics"))
+    os.environ.setdefault("MPLCONFIGDIR", str(work_dir / "matplotlib"))  # its font cache, not in $HOME
     config_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     config_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib

@@ -101,10 +101,18 @@ def main() -> None:
     parser.add_argument("--missing-route", action="append", default=[], help="answer 404 on this route")
     parser.add_argument("--cancel-after-epoch", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", args.port), make_handler(args))
     server.daemon_threads = True
     server.handle_error = lambda request, address: None  # clients that hang up at exit are expected
+    if args.tls_cert:  # serve HTTPS with this certificate
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print(f"PORT {server.server_address[1]}", flush=True)
     try:
         server.serve_forever()

@@ -84,10 +84,18 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.2)
     parser.add_argument("--record", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
+    parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()
     server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(args))
     server.daemon_threads = True
     server.handle_error = lambda request, address: None  # dropped connections are the point
+    if args.tls_cert:  # serve HTTPS with this certificate
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+        server.socket = context.wrap_socket(server.socket, server_side=True)
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
 

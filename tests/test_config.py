@@ -91,6 +91,13 @@ def test_task_type_accepts_platform_and_ultralytics_names(alias, task):
     ({"CALLBACK_MAX_ATTEMPTS": "x"}, "CALLBACK_MAX_ATTEMPTS='x' is not an integer"),
     ({"STORAGE_MAX_ATTEMPTS": "0"}, "STORAGE_MAX_ATTEMPTS=0 is out of range"),
     ({"CONF_THRESHOLD": "2"}, "CONF_THRESHOLD=2 is out of range"),
+    ({"DATASET_CHECK": "maybe"}, "DATASET_CHECK='maybe' must be strict, warn or off"),
+    ({"DATASET_MAX_FILES": "0"}, "DATASET_MAX_FILES=0 is out of range"),
+    ({"TLS_VERIFY": "perhaps"}, "TLS_VERIFY='perhaps' must be true or false"),
+    ({"DATASET_URI": "s3://bucket/a/../b.zip"}, "DATASET_URI='s3://bucket/a/../b.zip' must be s3://bucket/key"),
+    ({"DATASET_URI": "s3://bucket//b.zip"}, "DATASET_URI='s3://bucket//b.zip' must be s3://bucket/key"),
+    ({"MODEL_NAME": "yolo\x00.pt"}, "MODEL_NAME must be at most 1024 characters with no control characters"),
+    ({"MODEL_NAME": "m" * 1100}, "MODEL_NAME must be at most 1024 characters"),
 ])
 def test_each_bad_variable_is_named_in_the_error(env, expected):
     found = problems({**BASE, **env})
@@ -161,3 +168,18 @@ def test_dotenv_file_is_read_and_real_environment_wins(tmp_path: Path):
     assert "DATASET_ID (or DATASET_URI) is required" in result.stderr
     assert "JOB_ID is required" not in result.stderr  # taken from .env
     assert "EPOCHS" not in result.stderr.split("invalid configuration", 1)[1]  # the real EPOCHS=5 won over .env's 0
+
+
+def test_train_args_checker_runs_with_the_other_checks_and_all_problems_come_together(tmp_path):
+    seen = {}
+
+    def checker(args, work_dir):
+        seen.update(args=args, work_dir=work_dir)
+        return ["TRAIN_ARGS: 'patiense' is not an Ultralytics training argument"]
+
+    env = {**BASE, "EPOCHS": "0", "TRAIN_ARGS": '{"patiense": 3}', "WORK_DIR": str(tmp_path)}
+    with pytest.raises(ConfigError) as info:
+        load_settings(env, check_train_args=checker)
+    assert seen == {"args": {"patiense": 3}, "work_dir": tmp_path.resolve()}
+    assert any(p.startswith("EPOCHS=0") for p in info.value.problems)
+    assert any("'patiense'" in p for p in info.value.problems)

@@ -116,3 +116,69 @@ def test_truncated_archive_is_bad_input(detect_folder, tmp_path):
     archive.write_bytes(data[: len(data) // 2])
     with pytest.raises(BadInput, match="corrupt|not a zip"):
         extract_archive(archive, tmp_path / "x")
+
+
+def test_zip_entries_without_a_unix_file_type_are_plain_files(tmp_path):
+    archive = tmp_path / "w.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        info = zipfile.ZipInfo("data.yaml")
+        info.external_attr = 0  # as Windows tools write it
+        zf.writestr(info, "names: [a]")
+        with zf.open("big.bin", "w") as f:  # Python writes permissions only
+            f.write(b"x" * 10)
+    out = extract_archive(archive, tmp_path / "x")
+    assert (out / "data.yaml").read_text() == "names: [a]" and (out / "big.bin").stat().st_size == 10
+
+
+def test_caps_refuse_before_anything_is_written(tmp_path):
+    archive = tmp_path / "many.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        for i in range(20):
+            zf.writestr(f"f{i}.txt", "x" * 100)
+    with pytest.raises(BadInput, match="holds 20 files, more than DATASET_MAX_FILES=10"):
+        extract_archive(archive, tmp_path / "a", max_files=10)
+    with pytest.raises(BadInput, match="expands to 2.0 KB, more than DATASET_MAX_BYTES=1000"):
+        extract_archive(archive, tmp_path / "b", max_bytes=1000)
+    assert not list((tmp_path / "a").glob("*")) and not list((tmp_path / "b").glob("*"))
+
+
+@pytest.mark.parametrize("task,line,problem", [
+    ("obb", "0 0.1 0.1 0.2 0.1 0.2 0.2", "has 7 values; an oriented box is"),
+    ("segment", "0 0.1 0.1 0.2 0.2", "has 5 values; a segment label is"),
+    ("pose", "0 0.5 0.5 0.2 0.2 0.1 0.1 2", "has 8 values; a pose label is"),
+    ("pose", "0 0.5 0.5 0.2 0.2 " + " ".join(["0.1 0.1 2"] * 3) + " 1.2 0.1 2", "coordinate 1.2 is outside"),
+    ("detect", "1.5 0.5 0.5 0.2 0.2", "class 1.5 is out of range"),
+    ("detect", "0 nan 0.5 0.2 0.2", "coordinate nan is outside"),
+])
+def test_label_lines_are_checked_for_the_task(task, line, problem):
+    from utils import _label_problem
+
+    assert problem in _label_problem(line.split(), task, classes=2, kpt=[4, 3])
+
+
+def test_pose_visibility_flags_are_not_coordinates():
+    from utils import _label_problem
+
+    line = "0 0.5 0.5 0.2 0.2 " + " ".join(["0.1 0.1 2"] * 4)
+    assert _label_problem(line.split(), "pose", classes=1, kpt=[4, 3]) is None
+
+
+def test_sample_datasets_of_every_task_pass_the_check(tmp_path):
+    from utils import check_dataset
+
+    for task in ("detect", "segment", "pose", "obb"):
+        root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
+        data_yaml, _ = resolve_data_yaml(root, tmp_path / f"{task}.yaml")
+        assert not check_dataset(data_yaml, task), check_dataset(data_yaml, task).text()
+    assert not check_dataset(make_dataset(tmp_path / "cls", "classify", n_train=6, n_val=4), "classify")
+
+
+def test_report_shows_ten_examples_then_a_count():
+    from utils import DatasetReport
+
+    report = DatasetReport()
+    for i in range(25):
+        report.add(f"labels/x{i}.txt line 1", "bad")
+    text = report.text()
+    assert text.startswith("dataset check found 25 problem(s):") and text.count("line 1: bad") == 10
+    assert text.endswith("... and 15 more")

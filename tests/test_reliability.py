@@ -33,7 +33,9 @@ from tests.conftest import (
 from tests.sample_data import make_dataset, make_zip
 
 EPOCHS = 3
-SLACK_S = 3.0  # absolute allowance on top of 10% for scheduler noise on a shared machine
+SLACK_S = 5.0  # absolute allowance on top of 10% for noise on a shared 2-core machine; blocking callbacks
+# would cost far more (about 18 s per epoch against the 2 s backend), and bench/callbacks_bench.py
+# measures the ratios precisely
 # Timed runs use epochs longer than the slow backend's 2 s answers, as real epochs are: the
 # per-route order of callbacks then never holds training back.
 TIMED = {"DATASET_ID": "big", "IMGSZ": "128"}
