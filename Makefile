@@ -1,13 +1,14 @@
 # make demo   -> venv, sample dataset, a 15-epoch training on local storage (about a minute on 2 CPUs), predictions
 # make test   -> the whole test suite (what .ci/run runs)
 # make bench  -> the benchmarks (figures for the README's performance table)
+# make gpu-check -> the GPU checks, on a machine with CUDA (bench/gpu_check.py)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: venv test demo bench clean
+.PHONY: venv test demo bench gpu-check clean
 
 venv: $(VENV)/.installed
 
@@ -38,6 +39,9 @@ demo: venv
 bench: venv
 	$(PY) -m bench.predict_bench
 	$(PY) -m bench.callbacks_bench --repeats 3
+
+gpu-check: venv
+	$(PY) -m bench.gpu_check
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

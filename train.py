@@ -27,6 +27,7 @@ import signal
 import sys
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -53,13 +54,17 @@ from utils import (
     check_dataset,
     default_device,
     extract_archive,
+    dataset_task,
     find_dataset_root,
+    human_size,
     infer_task,
     load_settings,
     log_configuration,
     now_iso,
+    prepare_classification,
     prepare_ultralytics,
     resolve_data_yaml,
+    safe_target,
     setup_logging,
 )
 
@@ -82,10 +87,21 @@ class Tracker:
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings
         self.redact = redact
-        self.client = None
+        self._client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self._params: set[str] = set()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_client": None}  # a DDP worker makes its own client for the same run
+
+    @property
+    def client(self):
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(self.settings.mlflow_tracking_uri)
+        return self._client
 
     def start(self) -> None:
         # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) would stall a job for
@@ -99,10 +115,7 @@ class Tracker:
         elif isinstance(verify, str):
             os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", verify)
         try:
-            from mlflow import MlflowClient
-
             s = self.settings
-            self.client = MlflowClient(s.mlflow_tracking_uri)
             experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
             self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(s.mlflow_experiment)
             runs = self.client.search_runs([self.experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
@@ -235,6 +248,8 @@ class StopSignal:
         if self.reason is None:
             self.reason = reason
             LOGGER.warning("stop requested (%s) during %s", reason, self.phase)
+            if self.phase == "ddp":
+                stop_workers()
 
     def check(self) -> None:
         """Raise Cancelled if a stop was requested and this phase may stop."""
@@ -246,6 +261,15 @@ class StopSignal:
         self.request(f"received {signal.Signals(signum).name}")
         if self.phase == "setup" or (self.phase == "training" and again):
             raise Cancelled(self.reason)
+
+
+def stop_workers() -> None:
+    """Multi-GPU: SIGTERM to the torch.distributed launcher and its workers, our child processes."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
 
 
 class CheckpointUploader:
@@ -320,20 +344,48 @@ class EpochReporter:
     `on_fit_epoch_end` runs after every epoch and once more for the final evaluation of
     best.pt; only the first kind follows an `on_train_epoch_end` for the same epoch, which
     is how the final evaluation is told apart and kept as the job's final metrics.
+
+    Multi-GPU: Ultralytics pickles these callbacks (cloudpickle) into every DDP worker. The
+    live clients are not pickled: a worker makes its own backend sender, uploader and MLflow
+    client for the same run on first use, only rank 0 reports anything, and rank 0 flushes
+    what it queued when training ends.
     """
 
-    def __init__(self, backend: Backend, tracker: Tracker, stop: StopSignal, uploader: CheckpointUploader | None = None,
-                 checkpoint_interval: int = 1):
-        self.backend = backend
+    def __init__(self, settings: Settings, redact: Redactor, backend: Backend, tracker: Tracker, stop: StopSignal):
+        self.settings = settings
+        self.redact = redact
+        self.event_log = backend.event_log
         self.tracker = tracker
         self.stop = stop
-        self.uploader = uploader
-        self.checkpoint_interval = checkpoint_interval
+        self._backend: Backend | None = backend
+        self._uploader: CheckpointUploader | None = None
+        self._own_clients = False  # made in this process (a DDP worker): flushed at on_train_end
         self.epochs_completed = 0
-        self.total_epochs = 0
+        self.total_epochs = settings.epochs
         self.last_metrics: dict = {}
         self.final_metrics: dict | None = None
         self._pending: tuple[int, dict] | None = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None, "_uploader": None}
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = Backend(self.settings.backend, self.redact, self.event_log)
+            self._own_clients = True
+        return self._backend
+
+    @property
+    def uploader(self) -> CheckpointUploader:
+        if self._uploader is None:
+            self._uploader = CheckpointUploader(Storage(self.settings.storage), self.settings, self.backend)
+        return self._uploader
+
+    @staticmethod
+    def reports() -> bool:
+        """Only one process reports: the single process, or rank 0 of a DDP run."""
+        return int(os.environ.get("RANK", -1)) in (-1, 0)
 
     def callbacks(self) -> dict:
         return {
@@ -344,11 +396,15 @@ class EpochReporter:
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_model_save": self.on_model_save,
             "on_fit_epoch_end": self.on_fit_epoch_end,
+            "on_train_end": self.on_train_end,
+            "teardown": self.on_train_end,
         }
 
     def on_pretrain_routine_end(self, trainer) -> None:
         self.total_epochs = trainer.epochs
         self.epochs_completed = trainer.start_epoch
+        if not self.reports():
+            return
         self.tracker.log_params({k: v for k, v in vars(trainer.args).items() if v is not None})
         if trainer.start_epoch:
             self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}",
@@ -367,14 +423,16 @@ class EpochReporter:
 
     def on_model_save(self, trainer) -> None:
         """Ultralytics just wrote last.pt (and best.pt if this epoch is the best): upload them."""
+        if not self.reports():
+            return
         epoch = trainer.epoch + 1
         files = {}
-        if epoch % self.checkpoint_interval == 0 or trainer.stop:
+        if epoch % self.settings.checkpoint_interval == 0 or trainer.stop:
             files["last.pt"] = Path(trainer.last)
         if trainer.best_fitness == trainer.fitness:
             files["best.pt"] = Path(trainer.best)
-        if files and self.uploader:
-            files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.backend.event_log})
+        if files:
+            files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.event_log})
             self.uploader.submit(files, epoch)
 
     def on_fit_epoch_end(self, trainer) -> None:
@@ -385,14 +443,33 @@ class EpochReporter:
         self._pending = None
         epoch, total = trainer.epoch + 1, trainer.epochs
         metrics = contract_metrics(trainer.metrics or {}, trainer.fitness)
+        self.epochs_completed, self.total_epochs, self.last_metrics = epoch, total, metrics
+        if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
+            self.stop.phase = "finishing"
+        if not self.reports():
+            return
         self.backend.validation_results(epoch, total, metrics, task=trainer.args.task)
         for name, value in train.items():
             self.backend.metric(name, value, epoch, step=epoch)
         self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total)
         self.tracker.log_metrics({**train, **metrics}, step=epoch)
-        self.epochs_completed, self.total_epochs, self.last_metrics = epoch, total, metrics
-        if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
-            self.stop.phase = "finishing"
+
+    def on_train_end(self, trainer) -> None:
+        """In a DDP worker, deliver what this process queued before it exits."""
+        if self._own_clients and self.reports():
+            if self._uploader:
+                self._uploader.wait(self.settings.shutdown_timeout)
+            self.backend.close()
+
+    def recover_from_files(self, trainer) -> None:
+        """After DDP training the epochs were reported by a worker: take the summary from its files."""
+        if self.epochs_completed:
+            return
+        rows = trainer.read_results_csv()
+        if rows.get("epoch"):
+            self.epochs_completed = int(rows["epoch"][-1])
+            self.last_metrics = contract_metrics({k: v[-1] for k, v in rows.items()
+                                                  if k.startswith(("metrics/", "val/"))}, None)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -405,15 +482,23 @@ def job_dir(settings: Settings) -> Path:
 
 
 def download_dataset(storage: Storage, settings: Settings) -> Path:
-    """Fetch and unpack the dataset (cached by ETag); return what Ultralytics' `data` takes."""
+    """Fetch and unpack the dataset (cached by ETag); return what Ultralytics' `data` takes.
+
+    DATASET_URI (or datasets/{DATASET_ID}.zip) may be an archive in storage, an unpacked prefix in
+    storage (ending in /), or a local archive or folder.
+    """
     uri = settings.dataset_uri
     local = Path(uri).expanduser()
     if not uri.startswith("s3://") and local.exists():
-        folder = local.resolve() if local.is_dir() else _extract_cached(local, settings, f"{local.stat().st_size}-{local.stat().st_mtime_ns}")
+        stat = local.stat()
+        folder = local.resolve() if local.is_dir() else _extract_cached(local, settings, f"{stat.st_size}-{stat.st_mtime_ns}")
+    elif uri.endswith("/"):
+        folder = _download_prefix(storage, storage.locate(uri), settings)
     else:
         loc = storage.locate(uri)
         if not archive_kind(loc.key):
-            raise BadInput(f"dataset {storage.uri(loc)} must be a .zip, .tar, .tar.gz or .tgz archive")
+            raise BadInput(f"dataset {storage.uri(loc)} must be a .zip, .tar, .tar.gz or .tgz archive, "
+                           "or a prefix ending in /")
         info = storage.head(loc)
         if info is None:
             raise StorageNotFound(f"dataset {storage.uri(loc)} does not exist")
@@ -433,11 +518,38 @@ def download_dataset(storage: Storage, settings: Settings) -> Path:
     root = find_dataset_root(folder)
     if not any((root / n).is_file() for n in ("data.yaml", "data.yml")):
         LOGGER.info("dataset at %s is a classification folder (train/, val/)", root)
-        return root
-    data_yaml, data = resolve_data_yaml(root, job_dir(settings) / "data.yaml")
+        return prepare_classification(root, job_dir(settings) / "classify", settings.val_fraction)
+    data_yaml, data = resolve_data_yaml(root, job_dir(settings) / "data.yaml", settings.val_fraction)
     LOGGER.info("dataset ready at %s: %d classes, train=%s val=%s", root, len(data.get("names") or []) or data.get("nc", 0),
                 data["train"], data["val"])
     return data_yaml
+
+
+def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> Path:
+    """An unpacked dataset under a storage prefix, downloaded by 8 threads, cached by its listing."""
+    objects = list(storage.list(prefix))
+    if not objects:
+        raise StorageNotFound(f"dataset prefix {storage.uri(prefix)} holds no objects")
+    total = sum(info.size for _, info in objects)
+    if len(objects) > settings.dataset_max_files or total > settings.dataset_max_bytes:
+        raise BadInput(f"dataset prefix {storage.uri(prefix)} holds {len(objects)} objects, {total} bytes: over "
+                       f"DATASET_MAX_FILES={settings.dataset_max_files} or DATASET_MAX_BYTES={settings.dataset_max_bytes}")
+    listing = "\n".join(f"{loc.key} {info.etag} {info.size}" for loc, info in objects)
+    folder = _cache_dir(settings, prefix.key.rstrip("/") or prefix.bucket, hashlib.sha256(listing.encode()).hexdigest())
+    if folder.is_dir():
+        LOGGER.info("dataset %s already downloaded at %s", storage.uri(prefix), folder)
+        return folder
+    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LOGGER.info("downloading %d objects (%s) under %s", len(objects), human_size(total), storage.uri(prefix))
+    try:
+        targets = [(loc, info, safe_target(tmp.resolve(), loc.key[len(prefix.key):])) for loc, info in objects]
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda t: storage.download(t[0], t[2], t[1], quiet=True), targets))
+        os.replace(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
 
 
 def _cache_dir(settings: Settings, name: str, version: str) -> Path:
@@ -465,12 +577,44 @@ def _extract_into(archive: Path, folder: Path, settings: Settings) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def check_dataset_or_fail(data: Path, settings: Settings, backend: Backend) -> None:
+# Which datasets each task trains on: detection also takes polygons (Ultralytics boxes them).
+COMPATIBLE_DATA = {"detect": {"detect", "segment"}, "segment": {"segment"}, "pose": {"pose"}, "obb": {"obb"},
+                   "classify": {"classify"}}
+
+
+def resolve_task(settings: Settings, weights: str, data: Path) -> str:
+    """TASK_TYPE, else the model's task, else the dataset's; a mismatch is a bad-input error."""
+    model_task = checkpoint_task(weights) if weights.endswith(".pt") else infer_task(weights)
+    data_task, why = dataset_task(data)
+    task = settings.task or model_task or data_task or "detect"
+    if settings.task and model_task and model_task != settings.task:
+        raise BadInput(f"TASK_TYPE asks for {settings.task}, but MODEL_NAME={settings.model_name} is a {model_task} model")
+    if data_task and data_task not in COMPATIBLE_DATA[task]:
+        raise BadInput(f"the dataset is a {data_task} dataset ({why}), but this job trains a {task} model "
+                       f"(MODEL_NAME={settings.model_name}" + (f", TASK_TYPE={settings.task})" if settings.task else ")"))
+    LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any", data_task or "unknown")
+    return task
+
+
+def checkpoint_task(path: str) -> str | None:
+    """The task a .pt checkpoint was trained for, or None if it cannot be read (YOLO() says why later)."""
+    import torch
+    from ultralytics.nn.tasks import guess_model_task
+
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        task = (ckpt.get("train_args") or {}).get("task") or guess_model_task(ckpt.get("ema") or ckpt["model"])
+    except Exception:
+        return None
+    return task if task in COMPATIBLE_DATA else None
+
+
+def check_dataset_or_fail(data: Path, task: str, settings: Settings, backend: Backend) -> None:
     """DATASET_CHECK=strict: any problem fails the job with one report; warn: report and go on."""
     if settings.dataset_check == "off":
         return
     started = time.monotonic()
-    report = check_dataset(data, settings.task or infer_task(settings.model_name))
+    report = check_dataset(data, task)
     LOGGER.info("dataset check done in %.1f s", time.monotonic() - started)
     if report and settings.dataset_check == "strict":
         raise BadInput(report.text())
@@ -600,13 +744,13 @@ def _not_resumable(last: Path, settings: Settings) -> str | None:
     return None
 
 
-def train_model(settings: Settings, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
+def train_model(settings: Settings, task: str, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
                 resume: bool = False):
     """Run Ultralytics training (or resume it); returns its trainer (save_dir, best/last paths, metrics)."""
     from ultralytics import YOLO
 
     try:
-        model = YOLO(weights, task=settings.task)
+        model = YOLO(weights, task=task)
     except Exception as e:
         raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: {e}") from None
     for event, hook in reporter.callbacks().items():
@@ -624,6 +768,8 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
             args["lr0"] = settings.lr0
             # optimizer=auto ignores lr0; AdamW is what auto picks for runs under 10,000 iterations.
             args.setdefault("optimizer", "AdamW")
+    if "," in device:  # several GPUs: Ultralytics relaunches training as DDP worker processes
+        reporter.stop.phase = "ddp"
     LOGGER.info("%s %s on %s for %d epochs (device %s)", "resuming" if resume else "training",
                 settings.model_name, data, settings.epochs, device)
     try:
@@ -632,6 +778,7 @@ def train_model(settings: Settings, weights: str, data: Path, reporter: EpochRep
         if str(e).startswith("Dataset"):  # Ultralytics' own dataset check refused the data
             raise BadInput(str(e).splitlines()[0]) from None
         raise
+    reporter.recover_from_files(model.trainer)
     return model.trainer
 
 
@@ -706,7 +853,7 @@ def main() -> int:
     event_log = job_dir(settings) / "events.jsonl"
     backend = Backend(settings.backend, redact, event_log)
     tracker = Tracker(settings, redact)
-    reporter = EpochReporter(backend, tracker, stop, checkpoint_interval=settings.checkpoint_interval)
+    reporter = EpochReporter(settings, redact, backend, tracker, stop)
     storage = None
     started = time.monotonic()
     flush = settings.backend.flush_timeout
@@ -716,15 +863,16 @@ def main() -> int:
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         data = download_dataset(storage, settings)
-        check_dataset_or_fail(data, settings, backend)
-        backend.log(f"dataset ready: {settings.dataset_uri}")
         stop.check()
         save_dir, resume_from = prepare_run(storage, settings)
         weights = str(resume_from) if resume_from else resolve_model(storage, settings)
+        task = resolve_task(settings, weights, data)
+        check_dataset_or_fail(data, task, settings, backend)
+        backend.log(f"dataset ready: {settings.dataset_uri}")
         stop.check()
         tracker.start()
-        reporter.uploader = CheckpointUploader(storage, settings, backend)
-        trainer = train_model(settings, weights, data, reporter, save_dir, resume=resume_from is not None)
+        reporter._uploader = CheckpointUploader(storage, settings, backend)
+        trainer = train_model(settings, task, weights, data, reporter, save_dir, resume=resume_from is not None)
         stop.phase = "finishing"
         uris = upload_outputs(storage, settings, trainer, reporter.uploader)
         backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
@@ -739,13 +887,17 @@ def main() -> int:
         tracker.finish("FINISHED")
         code = EXIT_OK
     except BaseException as e:  # one top-level handler: classify, report, exit with the contract's code
+        was_ddp = stop.phase == "ddp"
         stop.phase = "cleanup"
-        code, message = classify_failure(e)
+        code, message = classify_failure(e, stop)
         LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
                      redact(message), exc_info=code == EXIT_ERROR)
         deadline = time.monotonic() + settings.shutdown_timeout  # all clean-up fits the pod's grace period
-        if reporter.uploader:  # the last completed epoch's checkpoint, resumable, must reach storage
-            reporter.uploader.wait(max(0.0, deadline - time.monotonic() - 3))
+        if reporter._uploader:  # the last completed epoch's checkpoint, resumable, must reach storage
+            if was_ddp:  # rank 0 wrote it here, but its own upload may have been cut short
+                weights_dir = job_dir(settings) / "train" / "weights"
+                reporter._uploader.submit({n: weights_dir / n for n in ("last.pt", "best.pt")}, reporter.epochs_completed)
+            reporter._uploader.wait(max(0.0, deadline - time.monotonic() - 3))
         within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
         progress = 100.0 * reporter.epochs_completed / reporter.total_epochs if reporter.total_epochs else 0
         backend.status("cancelled" if code == EXIT_CANCELLED else "failed", progress, error=message, exit_code=code,
@@ -759,10 +911,12 @@ def main() -> int:
     return code
 
 
-def classify_failure(error: BaseException) -> tuple[int, str]:
+def classify_failure(error: BaseException, stop: StopSignal) -> tuple[int, str]:
     """Exit code and a readable message for any exception that ended the job."""
     if isinstance(error, TrainerError):
         return error.exit_code, str(error)
+    if stop.reason:  # e.g. the DDP workers we stopped ended with an error
+        return EXIT_CANCELLED, stop.reason
     if isinstance(error, KeyboardInterrupt):
         return EXIT_CANCELLED, "interrupted"
     return EXIT_ERROR, f"unexpected error: {type(error).__name__}: {error}"

@@ -98,6 +98,7 @@ ENV_VARS: dict[str, str] = {
     "DATASET_MAX_BYTES": "100000000000",
     "DATASET_MAX_FILES": "5000000",
     "DATASET_CHECK": "strict",
+    "VAL_FRACTION": "0.1",
     "PRETRAINED_PREFIX": "models/",
     "WEIGHTS_DOWNLOAD": "true",
     "LOG_LEVEL": "INFO",
@@ -307,6 +308,7 @@ class Settings:
     dataset_max_bytes: int  # caps on an archive's uncompressed size and file count
     dataset_max_files: int
     dataset_check: str  # strict | warn | off
+    val_fraction: float  # share of train images that become val when a dataset has no val split
     pretrained_prefix: str
     weights_download: bool
     mlflow_tracking_uri: str
@@ -501,6 +503,7 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         dataset_max_bytes=env.number("DATASET_MAX_BYTES", int, 1, 10**15, "a number of bytes >= 1"),
         dataset_max_files=env.number("DATASET_MAX_FILES", int, 1, 10**10, "a number of files >= 1"),
         dataset_check=dataset_check,
+        val_fraction=env.number("VAL_FRACTION", float, 0.01, 0.5, "a fraction from 0.01 to 0.5"),
         pretrained_prefix=prefix,
         weights_download=env.flag("WEIGHTS_DOWNLOAD"),
         mlflow_tracking_uri=tracking_uri,
@@ -720,7 +723,7 @@ class Storage:
             raise BadInput(f"bucket {loc.bucket} does not exist (check STORAGE_BUCKET and the URIs)") from None
         self._buckets_seen.add(loc.bucket)
 
-    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None) -> Path:
+    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False) -> Path:
         """Download to dest atomically: a .part file, renamed once its size and MD5 are verified.
 
         The MD5 check applies where the ETag is a plain MD5 (single-part uploads). If a second
@@ -732,7 +735,8 @@ class Storage:
             raise StorageNotFound(f"{self.uri(loc)} does not exist")
         dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
-        LOGGER.info("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
+        log = LOGGER.debug if quiet else LOGGER.info
+        log("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
         start, previous = time.monotonic(), None
         try:
             for attempt in (1, 2):
@@ -757,7 +761,7 @@ class Storage:
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
-        LOGGER.info("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
+        log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
         return dest
 
     def fetch(self, loc: Location, dest: Path) -> Path:
@@ -1236,7 +1240,7 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                entries = [(info, _safe_target(root, info.filename), _zip_kind(info)) for info in zf.infolist()]
+                entries = [(info, safe_target(root, info.filename), _zip_kind(info)) for info in zf.infolist()]
                 _check_caps(archive, dest, [i.file_size for i, _, kind in entries if kind == "file"], max_bytes, max_files)
                 budget = _Budget(archive, max_bytes)
                 for info, target, kind in entries:
@@ -1250,7 +1254,7 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 members = tf.getmembers()  # every header, before anything is written
-                entries = [(m, _safe_target(root, m.name)) for m in members]
+                entries = [(m, safe_target(root, m.name)) for m in members]
                 _check_caps(archive, dest, [m.size for m in members if m.isfile()], max_bytes, max_files)
                 budget = _Budget(archive, max_bytes)
                 for member, target in entries:
@@ -1313,7 +1317,7 @@ class _Budget:
                 out.write(chunk)
 
 
-def _safe_target(root: Path, name: str) -> Path:
+def safe_target(root: Path, name: str) -> Path:
     """Where an archive entry would land; refuses any that would land outside root."""
     name = name.replace("\\", "/")  # Windows tools write backslashes; they must not hide a '..'
     if name.startswith("/") or re.match(r"^[A-Za-z]:", name) or "\x00" in name:
@@ -1340,10 +1344,14 @@ def find_dataset_root(folder: Path) -> Path:
                    "and no train/ folder for classification")
 
 
-def resolve_data_yaml(root: Path, out: Path) -> tuple[Path, dict]:
+def resolve_data_yaml(root: Path, out: Path, val_fraction: float = 0.1) -> tuple[Path, dict]:
     """Rewrite root's data.yaml with absolute paths into out, so Ultralytics never looks elsewhere.
 
-    Returns the written file and its content.
+    Split entries may be folders, .txt lists of images or lists of either; paths may be
+    relative to `path`, to the list file, or absolute paths written on another machine (mapped
+    into the dataset by their longest existing tail). Lists are rewritten next to out with
+    absolute paths. Without a val entry, a deterministic share of the train images becomes the
+    validation split (see split_off_validation). Returns the written file and its content.
     """
     import yaml
 
@@ -1354,18 +1362,21 @@ def resolve_data_yaml(root: Path, out: Path) -> tuple[Path, dict]:
         raise BadInput(f"{src.name} is not valid YAML: {e}") from None
     if not isinstance(data, dict):
         raise BadInput(f"{src.name} must be a mapping with train, val and names")
-    missing = [k for k in ("train", "val") if not data.get(k)]
-    if missing:
-        raise BadInput(f"{src.name} has no {' or '.join(missing)} entry")
+    if not data.get("val") and data.get("validation"):
+        data["val"] = data.pop("validation")  # some exporters write 'validation'
+    if not data.get("train"):
+        raise BadInput(f"{src.name} has no train entry")
     if data.get("names") is None and data.get("nc") is None:
         raise BadInput(f"{src.name} has neither names nor nc")
     base = _dataset_base(root, data.get("path"))
+    out.parent.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test", "minival"):
         if data.get(split):
-            data[split] = _rebase(base, root, data[split], split)
+            data[split] = _rebase(base, root, data[split], split, out.parent)
+    if not data.get("val"):
+        data["train"], data["val"] = split_off_validation(data["train"], root, out.parent, val_fraction)
     data["path"] = str(base)
     data.pop("download", None)  # never let Ultralytics fetch anything
-    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(yaml.safe_dump(data, sort_keys=False, allow_unicode=True), encoding="utf-8")
     return out, data
 
@@ -1381,29 +1392,131 @@ def _dataset_base(root: Path, path: Any) -> Path:
     return root  # an absolute path from the exporting machine means nothing here
 
 
-def _rebase(base: Path, root: Path, value: Any, split: str) -> Any:
+def _locate(root: Path, value: str, *bases: Path) -> Path | None:
+    """A path from data.yaml or a list file, found inside the dataset, or None.
+
+    Relative paths are tried against each base in turn; absolute ones (POSIX or Windows, from the
+    exporting machine) by their longest tail that exists in the dataset. Nothing outside root.
+    """
+    if re.match(r"^([A-Za-z]:)?[\\/]", value):
+        parts = [p for p in re.split(r"[\\/]+", value) if p and not re.fullmatch(r"[A-Za-z]:", p)]
+        tails = (root.joinpath(*parts[i:]) for i in range(len(parts)) if ".." not in parts[i:])
+        return next((t for t in tails if t.exists()), None)
+    value = value.replace("\\", "/")
+    for base in bases:
+        target = (base / value).resolve()
+        if (target == root or root in target.parents) and target.exists():
+            return target
+    return None
+
+
+def _rebase(base: Path, root: Path, value: Any, split: str, lists: Path) -> Any:
     if isinstance(value, list):
-        return [_rebase(base, root, v, split) for v in value]
+        rebased = [_rebase(base, root, v, f"{split}[{i}]", lists) for i, v in enumerate(value)]
+        return rebased
     if not isinstance(value, str):
         raise BadInput(f"data.yaml {split} must be a path or a list of paths")
-    if re.match(r"^([A-Za-z]:)?[\\/]", value):
-        # Written on another machine (POSIX or Windows): keep the longest tail that exists here,
-        # e.g. /home/alice/shapes/images/train -> <dataset>/images/train.
-        parts = [p for p in re.split(r"[\\/]+", value) if p and not re.fullmatch(r"[A-Za-z]:", p)]
-        for i in range(len(parts)):
-            candidate = root.joinpath(*parts[i:])
-            if ".." not in parts[i:] and candidate.exists():
-                return str(candidate)
-        raise BadInput(f"data.yaml {split}: {value} does not exist inside the dataset")
-    value = value.replace("\\", "/")
-    target = (base / value).resolve()
-    if not target.exists() and value.startswith("../"):
-        target = (base / value[3:]).resolve()
-    if target != root and root not in target.parents:
-        raise BadInput(f"data.yaml {split}: {value} points outside the dataset")
-    if not target.exists():
-        raise BadInput(f"data.yaml {split}: {value} does not exist in the dataset")
+    # Ultralytics retries '../x' as 'x' below path; so do we.
+    target = _locate(root, value, base) or (_locate(root, value[3:], base) if value.startswith("../") else None)
+    if target is None:
+        outside = not re.match(r"^([A-Za-z]:)?[\\/]", value) and root not in (base / value).resolve().parents
+        raise BadInput(f"data.yaml {split}: {value} " + ("points outside the dataset" if outside
+                                                         else "does not exist in the dataset"))
+    if target.is_file() and target.suffix == ".txt":
+        return str(_rewrite_list(target, base, root, lists / f"{split.replace('[', '-').rstrip(']')}.txt", split))
     return str(target)
+
+
+def _rewrite_list(listed: Path, base: Path, root: Path, out: Path, split: str) -> Path:
+    """A .txt list of images with every line made absolute (Ultralytics reads bare relative lines
+    relative to its working directory, which would be wrong here)."""
+    found, missing = [], []
+    for line in listed.read_text(encoding="utf-8", errors="replace").splitlines():
+        line = line.strip()
+        if line:
+            target = _locate(root, line, listed.parent, base, root)
+            (found if target and target.is_file() else missing).append(str(target) if target else line)
+    if missing:
+        raise BadInput(f"data.yaml {split}: {listed.name} lists {len(missing)} image(s) that are not in the "
+                       f"dataset, e.g. {', '.join(missing[:3])}")
+    out.write_text("\n".join(found) + "\n", encoding="utf-8")
+    return out
+
+
+def _images_of(value: Any) -> list[Path]:
+    """Every image of a resolved split entry (folders searched recursively, lists read)."""
+    if isinstance(value, list):
+        return [img for v in value for img in _images_of(v)]
+    path = Path(value)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if path.suffix == ".txt" and path.is_file():
+        return [Path(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return []
+
+
+def _validation_share(images: list[Path], root: Path, fraction: float) -> set[Path]:
+    """The same images every time: those whose SHA-1 of their path inside the dataset sorts first."""
+    ranked = sorted(images, key=lambda p: hashlib.sha1(p.relative_to(root).as_posix().encode()).hexdigest())
+    return set(ranked[: max(1, round(len(ranked) * fraction))]) if len(ranked) > 1 else set()
+
+
+def split_off_validation(train: Any, root: Path, lists: Path, fraction: float) -> tuple[str, str]:
+    """A dataset with only a train split: VAL_FRACTION of its images (at least one) become val.
+
+    The choice is deterministic (by hash of each image's path inside the dataset), so a resumed
+    or repeated job validates on the same images. Writes train.txt and val.txt lists.
+    """
+    images = _images_of(train)
+    val = _validation_share(images, root, fraction)
+    if not val:
+        raise BadInput("data.yaml has no val entry and train has too few images to split one off")
+    LOGGER.info("no val split in data.yaml: %d of %d train images become the validation split", len(val), len(images))
+    (lists / "train-split.txt").write_text("\n".join(str(p) for p in images if p not in val) + "\n", encoding="utf-8")
+    (lists / "val-split.txt").write_text("\n".join(str(p) for p in sorted(val)) + "\n", encoding="utf-8")
+    return str(lists / "train-split.txt"), str(lists / "val-split.txt")
+
+
+def prepare_classification(root: Path, out: Path, fraction: float = 0.1) -> Path:
+    """A classification folder as Ultralytics wants it. With train/ but neither val/ nor test/, a
+    deterministic share of each class's images becomes val/ (symbolic links under out)."""
+    if not (root / "train").is_dir() or (root / "val").is_dir() or (root / "test").is_dir():
+        return root
+    shutil.rmtree(out, ignore_errors=True)
+    moved = 0
+    for cls in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
+        images = sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        val = _validation_share(images, root, fraction)
+        for image in images:
+            link = out / ("val" if image in val else "train") / cls.name / image.name
+            link.parent.mkdir(parents=True, exist_ok=True)
+            link.symlink_to(image)
+        moved += len(val)
+    LOGGER.info("no val/ folder: %d train images (%.0f%% of each class) become the validation split", moved,
+                100 * fraction)
+    return out
+
+
+def dataset_task(data: Path) -> tuple[str | None, str]:
+    """The task a prepared dataset is for, and why: a classification folder, kpt_shape, or label lengths."""
+    import yaml
+
+    if data.is_dir():
+        return "classify", "class folders without a data.yaml"
+    cfg = yaml.safe_load(data.read_text(encoding="utf-8"))
+    if cfg.get("kpt_shape"):
+        return "pose", "data.yaml has kpt_shape"
+    for image in _images_of(cfg.get("train"))[:50]:
+        label = _label_path(image)
+        lines = label.read_text(encoding="utf-8", errors="replace").split("\n") if label.is_file() else []
+        counts = {len(line.split()) for line in lines if line.strip()}
+        if 9 in counts and counts <= {9}:
+            return "obb", "its labels have 9 values (class and 4 corners)"
+        if any(n >= 7 and n % 2 for n in counts):
+            return "segment", "its labels are polygons"
+        if counts == {5}:
+            return "detect", "its labels are boxes (5 values)"
+    return None, "no labels to tell"
 
 
 # -- dataset check ---------------------------------------------------------------------------
@@ -1473,7 +1586,7 @@ def _check_yaml_dataset(data_yaml: Path, task: str | None, report: DatasetReport
         kpt = None
     images_checked = []
     for split in ("train", "val"):
-        images = _split_images(cfg.get(split), report, split)
+        images = _images_of(cfg.get(split))
         if not images:
             report.add(f"data.yaml {split}", f"no images found in {cfg.get(split)}")
         for image in images:
@@ -1482,29 +1595,6 @@ def _check_yaml_dataset(data_yaml: Path, task: str | None, report: DatasetReport
                 _check_label_file(label, task, classes, kpt, report)
         images_checked.extend(images)
     _check_images(images_checked, report)
-
-
-def _split_images(value: Any, report: DatasetReport, split: str) -> list[Path]:
-    """The images of a split: a folder (searched recursively), a .txt list of paths, or a list of either."""
-    if value is None:
-        return []
-    if isinstance(value, list):
-        return [img for v in value for img in _split_images(v, report, split)]
-    path = Path(value)
-    if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
-    if path.suffix == ".txt" and path.is_file():
-        base = path.parent
-        lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines()]
-        images = [(base / line).resolve() if not Path(line).is_absolute() else Path(line) for line in lines if line]
-        missing = [str(p) for p in images if not p.is_file()]
-        for m in missing[:3]:
-            report.add(f"{path.name}", f"lists {m}, which does not exist")
-        if len(missing) > 3:
-            report.add(f"{path.name}", f"{len(missing) - 3} more listed images do not exist")
-        return [p for p in images if p.is_file()]
-    report.add(f"data.yaml {split}", f"{value} is neither a folder nor a .txt list of images")
-    return []
 
 
 def _label_path(image: Path) -> Path:

@@ -51,7 +51,7 @@ def test_list_of_train_folders_is_rewritten(tmp_path):
 
 
 @pytest.mark.parametrize("content,message", [
-    ("train: images/train\nnames: [a]\n", "no val entry"),
+    ("val: images/val\nnames: [a]\n", "no train entry"),
     ("train: images/train\nval: images/val\n", "neither names nor nc"),
     ("train: ../../../etc\nval: images/val\nnames: [a]\n", "points outside the dataset"),
     ("train: images/nope\nval: images/val\nnames: [a]\n", "does not exist"),
@@ -182,3 +182,56 @@ def test_report_shows_ten_examples_then_a_count():
     text = report.text()
     assert text.startswith("dataset check found 25 problem(s):") and text.count("line 1: bad") == 10
     assert text.endswith("... and 15 more")
+
+
+def test_dataset_with_only_train_gets_a_deterministic_validation_split(tmp_path):
+    folder = make_dataset(tmp_path / "ds", "detect", n_train=20, n_val=1)
+    (folder / "data.yaml").write_text("train: images/train\nnames: [a, b]\n")
+    _, first = resolve_data_yaml(folder, tmp_path / "one" / "data.yaml")
+    _, again = resolve_data_yaml(folder, tmp_path / "two" / "data.yaml")
+    train = Path(first["train"]).read_text().split()
+    val = Path(first["val"]).read_text().split()
+    assert len(val) == 2 and len(train) == 18 and not set(train) & set(val)
+    assert Path(again["val"]).read_text().split() == val  # the same images every time
+
+
+def test_txt_lists_are_rewritten_with_absolute_paths(tmp_path):
+    folder = make_dataset(tmp_path / "ds", "detect", n_train=3, n_val=2)
+    names = sorted(p.name for p in (folder / "images" / "train").iterdir())
+    (folder / "train.txt").write_text(f"./images/train/{names[0]}\nimages/train/{names[1]}\n"
+                                      f"/home/bob/export/images/train/{names[2]}\n")
+    (folder / "data.yaml").write_text("train: train.txt\nval: images/val\nnames: [a, b]\n")
+    _, data = resolve_data_yaml(folder, tmp_path / "job" / "data.yaml")
+    listed = Path(data["train"]).read_text().split()
+    assert listed == [str(folder / "images" / "train" / n) for n in names]
+
+
+def test_list_naming_missing_images_is_bad_input(tmp_path):
+    folder = make_dataset(tmp_path / "ds", "detect", n_train=1, n_val=1)
+    (folder / "train.txt").write_text("images/train/nope.jpg\n")
+    (folder / "data.yaml").write_text("train: train.txt\nval: images/val\nnames: [a]\n")
+    with pytest.raises(BadInput, match="train.txt lists 1 image\\(s\\) that are not in the dataset"):
+        resolve_data_yaml(folder, tmp_path / "job" / "data.yaml")
+
+
+def test_classification_with_only_train_gets_a_val_folder_of_links(tmp_path):
+    from utils import prepare_classification
+
+    folder = make_dataset(tmp_path / "c", "classify", n_train=20, n_val=1)
+    import shutil as _shutil
+
+    _shutil.rmtree(folder / "val")
+    out = prepare_classification(folder, tmp_path / "split")
+    val = list((out / "val").rglob("*.jpg"))
+    train = list((out / "train").rglob("*.jpg"))
+    assert val and len(val) + len(train) == 20 and all(p.is_symlink() for p in val)
+    assert prepare_classification(make_dataset(tmp_path / "d", "classify"), tmp_path / "x") == tmp_path / "d"
+
+
+@pytest.mark.parametrize("task", ["detect", "segment", "pose", "obb", "classify"])
+def test_dataset_task_is_recognised(task, tmp_path):
+    from utils import dataset_task
+
+    root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
+    data = root if task == "classify" else resolve_data_yaml(root, tmp_path / "d.yaml")[0]
+    assert dataset_task(data)[0] == task

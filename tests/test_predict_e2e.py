@@ -26,6 +26,9 @@ def weights(tmp_path_factory):
 
     def make(task: str = "detect"):
         if task not in made:
+            import torch
+
+            torch.manual_seed(0)  # the same untrained weights every run
             made[task] = folder / f"{task}.pt"
             YOLO(TASK_CONFIGS[task]).save(str(made[task]))
         return made[task]
@@ -129,8 +132,9 @@ def test_each_task_adds_its_fields(task, weights, images, tmp_path):
     assert p["detections"]
     assert_valid_detections(p)
     for d in p["detections"]:
-        if task == "segment":
-            assert len(d["polygon"]) >= 3 and all(0 <= x <= 64 and 0 <= y <= 64 for x, y in d["polygon"])
+        if task == "segment":  # a detection whose mask is empty has an empty polygon
+            assert len(d["polygon"]) >= 3 or d["polygon"] == []
+            assert all(0 <= x <= 64 and 0 <= y <= 64 for x, y in d["polygon"])
         if task == "pose":
             assert len(d["keypoints"]) == 17 and all(0 <= k["confidence"] <= 1 for k in d["keypoints"])
         if task == "obb":

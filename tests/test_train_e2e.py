@@ -42,7 +42,7 @@ def job(s3_server, s3, mlflow_server, dataset_zip, tmp_path_factory):
     result = run_entry("train.py", env, cwd=folder, timeout=600)
     receiver.stop()
     yield {"result": result, "receiver": receiver, "bucket": bucket, "job_id": job_id, "experiment": experiment,
-           "mlflow": mlflow_server, "s3": s3, "work": folder / "work", "net_log": folder / "net.log"}
+           "mlflow": mlflow_server, "s3": s3, "s3_server": s3_server, "work": folder / "work", "net_log": folder / "net.log"}
 
 
 def test_exits_zero_and_reports_running_then_completed(job):
@@ -110,6 +110,22 @@ def test_checkpoints_are_in_storage_and_load(job):
         path.write_bytes(data)
         model = YOLO(str(path))
         assert model.task == "detect" and model.names == {0: "rectangle", 1: "ellipse"}
+
+
+def test_predict_runs_on_the_trained_checkpoint(job, dataset_zip):
+    import zipfile
+
+    folder = job["work"].parent / "predict-in"
+    with zipfile.ZipFile(dataset_zip("detect", top="shapes")) as zf:
+        zf.extractall(folder)
+    env = {**storage_env(job["s3_server"], job["bucket"]), "JOB_ID": job["job_id"], "IMGSZ": "64", "DEVICE": "cpu",
+           "CONF_THRESHOLD": "0.0", "MAX_DET": "3", "INPUT_URI": str(folder / "shapes" / "images" / "val"),
+           "WORK_DIR": str(job["work"])}
+    result = run_entry("predict.py", env, cwd=job["work"].parent, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    doc = json.loads(result.stdout)
+    assert doc["count"] == 16 and doc["task"] == "detect"
+    assert {d["class_name"] for p in doc["predictions"] for d in p["detections"]} <= {"rectangle", "ellipse"}
 
 
 def test_event_log_in_storage_matches_callbacks(job):
