@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import difflib
 import hashlib
-import json
 import logging
 import math
 import os
@@ -320,7 +319,7 @@ class CheckpointUploader:
                 self._pending.clear()
                 self._busy = True
             uploaded = []
-            for name, (staged, epoch) in batch.items():
+            for name, (staged, _) in batch.items():
                 try:
                     self.storage.upload(staged, self.storage.locate(self.prefix + name))
                     uploaded.append(name)

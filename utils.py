@@ -21,7 +21,6 @@ Environment variables (all documented in README.md and .env.example):
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import datetime as dt

@@ -263,15 +263,20 @@ def test_there_are_at_least_30_cases():
     assert len(CASES) >= 30
 
 
+def one_epoch_job(s3_server, s3, bucket, receiver, dataset_zip, tmp_path, **extra) -> dict:
+    """The environment of a short, valid training job (for cases where the job must succeed)."""
+    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
+    job_id = f"h{uuid.uuid4().hex[:7]}"
+    return {**storage_env(s3_server, bucket), **FAST_TRAINING, "EPOCHS": "1", "JOB_ID": job_id, "DATASET_ID": "ds",
+            "MODEL_NAME": "yolo11n.yaml", "TRAIN_ARGS": '{"plots": false}', "CALLBACK_URL": receiver.url(job_id),
+            "INTERNAL_AUTH_TOKEN": SECRETS[2], "WORK_DIR": str(tmp_path / "work"),
+            "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", **extra}
+
+
 def test_backend_rejecting_the_token_does_not_decide_the_job(s3_server, s3, bucket, receiver_factory, dataset_zip, tmp_path):
     """The contract: callbacks never decide whether training succeeds. A 403 is logged loudly, once per route."""
     receiver = receiver_factory(token="the-backend-expects-another-token")
-    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
-    job_id = f"h{uuid.uuid4().hex[:7]}"
-    env = {**storage_env(s3_server, bucket), **FAST_TRAINING, "EPOCHS": "1", "JOB_ID": job_id, "DATASET_ID": "ds",
-           "MODEL_NAME": "yolo11n.yaml", "TRAIN_ARGS": '{"plots": false}', "CALLBACK_URL": receiver.url(job_id),
-           "INTERNAL_AUTH_TOKEN": SECRETS[2], "WORK_DIR": str(tmp_path / "work"),
-           "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env = one_epoch_job(s3_server, s3, bucket, receiver, dataset_zip, tmp_path)
     result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert {e["outcome"] for e in receiver.requests(stored_only=False)} == {403}
@@ -280,12 +285,8 @@ def test_backend_rejecting_the_token_does_not_decide_the_job(s3_server, s3, buck
 
 
 def test_dead_mlflow_server_does_not_fail_training(s3_server, s3, bucket, receiver, dataset_zip, tmp_path):
-    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
-    job_id = f"h{uuid.uuid4().hex[:7]}"
-    env = {**storage_env(s3_server, bucket), **FAST_TRAINING, "EPOCHS": "1", "JOB_ID": job_id, "DATASET_ID": "ds",
-           "MODEL_NAME": "yolo11n.yaml", "TRAIN_ARGS": '{"plots": false}', "CALLBACK_URL": receiver.url(job_id),
-           "INTERNAL_AUTH_TOKEN": SECRETS[2], "WORK_DIR": str(tmp_path / "work"),
-           "MLFLOW_TRACKING_URI": f"http://user:mlflow-pa55word@127.0.0.1:{free_port()}"}
+    env = one_epoch_job(s3_server, s3, bucket, receiver, dataset_zip, tmp_path,
+                        MLFLOW_TRACKING_URI=f"http://user:mlflow-pa55word@127.0.0.1:{free_port()}")
     result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "tracking is off for the rest of this job" in result.stderr
