@@ -42,6 +42,7 @@ from utils import (
     TrainerError,
     available_cpus,
     default_device,
+    fetch_file,
     load_settings,
     log_configuration,
     prepare_ultralytics,
@@ -64,15 +65,10 @@ class InputImage:
 
 def fetch_checkpoint(storage: Storage, settings: Settings) -> Path:
     """The checkpoint as a local file: a local path as is, else downloaded once (cached by ETag)."""
-    ref = settings.checkpoint_uri
-    local = Path(ref).expanduser()
-    if not ref.startswith("s3://") and local.is_file():
-        return local.resolve()
-    loc = storage.locate(ref)
     try:
-        return storage.fetch(loc, settings.work_dir / "weights" / "files" / loc.bucket / loc.key)
+        return fetch_file(storage, settings.checkpoint_uri, settings.work_dir)
     except StorageNotFound:
-        raise BadInput(f"checkpoint not found: {storage.uri(loc)}") from None
+        raise BadInput(f"checkpoint not found: {storage.uri(storage.locate(settings.checkpoint_uri))}") from None
 
 
 def load_model(weights: Path, settings: Settings):

@@ -53,6 +53,7 @@ from utils import (
     check_dataset,
     default_device,
     extract_archive,
+    fetch_file,
     dataset_task,
     find_dataset_root,
     human_size,
@@ -644,23 +645,16 @@ def ultralytics_arg_problems(args: dict, work_dir: Path) -> list[str]:
 def resolve_model(storage: Storage, settings: Settings) -> str:
     """MODEL_NAME -> what YOLO() loads: a config name, or a local .pt/.yaml file."""
     name = settings.model_name
-    weights_dir = settings.work_dir / "weights"
-    local = Path(name).expanduser()
     if name.endswith((".yaml", ".yml")):
-        if local.is_file():
-            return str(local.resolve())
-        if name.startswith("s3://") or "/" in name:
-            loc = storage.locate(name)
-            return str(storage.fetch(loc, weights_dir / "files" / loc.bucket / loc.key))
+        if Path(name).expanduser().is_file() or name.startswith("s3://") or "/" in name:
+            return str(fetch_file(storage, name, settings.work_dir))
         return name  # an Ultralytics model config such as yolo11n.yaml: train from scratch
     if name.startswith("s3://") or name.endswith(".pt"):
-        if not name.startswith("s3://") and local.is_file():
-            return str(local.resolve())
-        loc = storage.locate(name)
         try:
-            return str(storage.fetch(loc, weights_dir / "files" / loc.bucket / loc.key))
+            return str(fetch_file(storage, name, settings.work_dir))
         except StorageNotFound:
-            raise BadInput(f"MODEL_NAME={name}: no local file and no storage object {storage.uri(loc)}") from None
+            uri = storage.uri(storage.locate(name))
+            raise BadInput(f"MODEL_NAME={name}: no local file and no storage object {uri}") from None
     return str(fetch_pretrained(storage, settings, name))
 
 

@@ -785,12 +785,7 @@ class Storage:
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
         if self._s3 is None:
-            dest = self._path(loc)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
-            shutil.copyfile(path, part)
-            os.replace(part, dest)
-            return self.uri(loc)
+            return self._write_local(loc, lambda part: shutil.copyfile(path, part))
         for attempt in (1, 2):
             with self._errors("upload", loc):
                 self._s3.upload_file(str(path), loc.bucket, loc.key)
@@ -822,14 +817,18 @@ class Storage:
     def put_bytes(self, data: bytes, loc: Location, content_type: str = "application/octet-stream") -> str:
         """Store a small object from memory (annotated images)."""
         if self._s3 is None:
-            dest = self._path(loc)
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
-            part.write_bytes(data)
-            os.replace(part, dest)
-        else:
-            with self._errors("upload", loc):
-                self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
+            return self._write_local(loc, lambda part: part.write_bytes(data))
+        with self._errors("upload", loc):
+            self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
+        return self.uri(loc)
+
+    def _write_local(self, loc: Location, write: Callable[[Path], Any]) -> str:
+        """Local store: write a temporary file, then rename it over the object (atomic for readers)."""
+        dest = self._path(loc)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
+        write(part)
+        os.replace(part, dest)
         return self.uri(loc)
 
     def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
@@ -875,6 +874,20 @@ class Storage:
                            "trusted (set TLS_CA_BUNDLE to its CA)") from None
         except BotoCoreError as e:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
+
+
+def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:
+    """A file given as a local path, an s3:// URI or a storage key: a local file as it is, else
+    the storage object, downloaded once into WORK_DIR/weights/files (cached by ETag).
+
+    Raises:
+        StorageNotFound: neither a local file nor a storage object.
+    """
+    local = Path(ref).expanduser()
+    if not ref.startswith("s3://") and local.is_file():
+        return local.resolve()
+    loc = storage.locate(ref)
+    return storage.fetch(loc, work_dir / "weights" / "files" / loc.bucket / loc.key)
 
 
 def _is_md5(etag: str) -> bool:
