@@ -28,6 +28,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Callable
 
 from dotenv import load_dotenv
 
@@ -67,10 +68,12 @@ from utils import (
     safe_target,
     setup_logging,
 )
+from validation import ValidationCapture, contract_metrics, epoch_report, finite_floats, sequential_val_loader
 
 LOGGER = logging.getLogger("trainer")
 
 OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded beside the checkpoints
+MLFLOW_NAME = re.compile(r"[\w\-. :/]+")  # the characters MLflow accepts in a metric name
 
 
 # ----------------------------------------------------------------------------------------------
@@ -134,6 +137,12 @@ class Tracker:
         except Exception as e:
             self._off("start", e)
 
+    def status_fields(self) -> dict:
+        """The MLflow ids every status carries once the run exists (the UI links to the run)."""
+        if not self.run_id:
+            return {}
+        return {"mlflow_experiment_id": str(self.experiment_id), "mlflow_run_id": str(self.run_id)}
+
     @property
     def url(self) -> str | None:
         uri = self.settings.mlflow_tracking_uri
@@ -156,13 +165,16 @@ class Tracker:
             self._off("log parameters", e)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
+        """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
+        the same numbers are there under the contract's names."""
         if not self.run_id:
             return
         from mlflow.entities import Metric
 
         stamp = int(time.time() * 1000)
+        points = [Metric(k, v, stamp, step) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
         try:
-            self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in metrics.items()])
+            self.client.log_batch(self.run_id, metrics=points)
         except Exception as e:
             self._off("log metrics", e)
 
@@ -192,39 +204,6 @@ class Tracker:
 # ----------------------------------------------------------------------------------------------
 # Epoch reporting: Ultralytics hooks -> backend callbacks and MLflow
 # ----------------------------------------------------------------------------------------------
-
-_METRIC = re.compile(r"metrics/(precision|recall|mAP50|mAP50-95)\(([BMP])\)")
-_KIND_PREFIX = {"B": "", "M": "mask_", "P": "pose_"}
-
-
-def contract_metrics(raw: dict, fitness: float | None) -> dict:
-    """Ultralytics' validation metrics under the contract's names (mAP50, mask_mAP50, top1, val/box_loss...)."""
-    out = {}
-    for key, value in raw.items():
-        if m := _METRIC.fullmatch(key):
-            name = _KIND_PREFIX[m.group(2)] + m.group(1)
-        elif key.startswith("metrics/accuracy_top"):
-            name = "top" + key[len("metrics/accuracy_top"):]
-        else:
-            name = key.removeprefix("metrics/")
-        out[name] = value
-    if fitness is not None:
-        out["fitness"] = fitness
-    return finite_floats(out)
-
-
-def finite_floats(values: dict) -> dict:
-    """Floats only; NaN and infinity (no JSON for them) are left out."""
-    out = {}
-    for k, v in values.items():
-        try:
-            v = float(v)
-        except (TypeError, ValueError):
-            continue
-        if math.isfinite(v):
-            out[k] = v
-    return out
-
 
 class StopSignal:
     """Where SIGTERM/SIGINT and the backend's cancellation meet the training loop.
@@ -280,10 +259,12 @@ class CheckpointUploader:
     never pile up and never run twice at once for the same file.
     """
 
-    def __init__(self, storage: Storage, settings: Settings, backend: Backend):
+    def __init__(self, storage: Storage, settings: Settings, backend: Backend,
+                 on_stored: Callable[[int], None] | None = None):
         self.storage = storage
         self.prefix = settings.checkpoint_prefix
         self.backend = backend
+        self.on_stored = on_stored  # called with the epoch once that epoch's last.pt is in storage
         self.staging = job_dir(settings) / "staging"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
@@ -333,6 +314,8 @@ class CheckpointUploader:
                 epoch = max(batch[n][1] for n in checkpoints)
                 self.backend.log(f"checkpoint {' and '.join(checkpoints)} of epoch {epoch} uploaded to "
                                  f"{self.storage.uri(self.storage.locate(self.prefix))}", epoch=epoch)
+            if "last.pt" in uploaded and self.on_stored:
+                self.on_stored(batch["last.pt"][1])
             with self._cond:
                 self._busy = False
                 self._cond.notify_all()
@@ -340,6 +323,12 @@ class CheckpointUploader:
 
 class EpochReporter:
     """Ultralytics callbacks: report each epoch, upload its checkpoints, stop on request.
+
+    After each epoch's validation it builds the contract's `validation-results` body (with the
+    per-image results taken from inside that validation, see validation.py) and `training-metrics`
+    row, and sends them once that epoch's `last.pt` is in storage: every `checkpoint_path` the
+    backend holds then resolves, and a job killed at any moment and started again resumes after the
+    last epoch the backend has seen, never reporting an epoch twice. Progress and MLflow go at once.
 
     `on_fit_epoch_end` runs after every epoch and once more for the final evaluation of
     best.pt; only the first kind follows an `on_train_epoch_end` for the same epoch, which
@@ -357,6 +346,7 @@ class EpochReporter:
         self.event_log = backend.event_log
         self.tracker = tracker
         self.stop = stop
+        self.dataset_root: Path | None = None  # image names in per-image results are relative to it
         self._backend: Backend | None = backend
         self._uploader: CheckpointUploader | None = None
         self._own_clients = False  # made in this process (a DDP worker): flushed at on_train_end
@@ -365,9 +355,16 @@ class EpochReporter:
         self.last_metrics: dict = {}
         self.final_metrics: dict | None = None
         self._pending: tuple[int, dict] | None = None
+        self._capture: ValidationCapture | None = None
+        self._unsent: dict[int, tuple[dict, list, dict]] = {}  # epoch -> its reports, until its last.pt is stored
+        self._stored_epoch = 0
+        self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_backend": None, "_uploader": None}
+        return {**self.__dict__, "_backend": None, "_uploader": None, "_capture": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
 
     @property
     def backend(self) -> Backend:
@@ -379,8 +376,17 @@ class EpochReporter:
     @property
     def uploader(self) -> CheckpointUploader:
         if self._uploader is None:
-            self._uploader = CheckpointUploader(Storage(self.settings.storage), self.settings, self.backend)
+            self.use_storage(Storage(self.settings.storage))
         return self._uploader
+
+    @property
+    def uploading(self) -> bool:
+        """True once checkpoint uploads have started (train.py's storage client is in use)."""
+        return self._uploader is not None
+
+    def use_storage(self, storage: Storage) -> None:
+        """Upload checkpoints with this storage client (train.py's own; a DDP worker makes one)."""
+        self._uploader = CheckpointUploader(storage, self.settings, self.backend, on_stored=self.checkpoint_stored)
 
     @staticmethod
     def reports() -> bool:
@@ -392,6 +398,7 @@ class EpochReporter:
             "on_pretrain_routine_end": self.on_pretrain_routine_end,
             "on_train_start": self.on_train_start,
             "on_train_batch_end": self.on_batch_end,
+            "on_val_start": self.on_val_start,
             "on_val_batch_end": self.on_batch_end,
             "on_train_epoch_end": self.on_train_epoch_end,
             "on_model_save": self.on_model_save,
@@ -403,6 +410,8 @@ class EpochReporter:
     def on_pretrain_routine_end(self, trainer) -> None:
         self.total_epochs = trainer.epochs
         self.epochs_completed = trainer.start_epoch
+        if trainer.args.task == "classify" and self.settings.validation_images:
+            sequential_val_loader(trainer)  # so per-image results can name their images
         if not self.reports():
             return
         self.tracker.log_params({k: v for k, v in vars(trainer.args).items() if v is not None})
@@ -416,6 +425,18 @@ class EpochReporter:
 
     def on_batch_end(self, _) -> None:
         self.stop.check()
+
+    def on_val_start(self, validator) -> None:
+        """An epoch's validation (not the final evaluation of best.pt): ride along to collect results."""
+        if not validator.training or not self.reports():
+            if self._capture:
+                self._capture.stop()
+            return
+        if self._capture is None:
+            self._capture = ValidationCapture(self.dataset_root, self.settings.validation_images,
+                                              self.settings.validation_conf)
+        self._capture.attach(validator)
+        self._capture.start()
 
     def on_train_epoch_end(self, trainer) -> None:
         train = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
@@ -436,6 +457,9 @@ class EpochReporter:
             self.uploader.submit(files, epoch)
 
     def on_fit_epoch_end(self, trainer) -> None:
+        capture = self._capture
+        if capture:
+            capture.stop()
         if self._pending is None or self._pending[0] != trainer.epoch:
             self.final_metrics = contract_metrics(trainer.metrics or {}, None)
             return
@@ -448,11 +472,43 @@ class EpochReporter:
             self.stop.phase = "finishing"
         if not self.reports():
             return
-        self.backend.validation_results(epoch, total, metrics, task=trainer.args.task)
-        for name, value in train.items():
-            self.backend.metric(name, value, epoch, step=epoch)
-        self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total)
-        self.tracker.log_metrics({**train, **metrics}, step=epoch)
+        body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
+        self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total,
+                            **self.tracker.status_fields())
+        self.tracker.log_metrics(row["extra_metrics"], step=epoch)
+        if capture and capture.seconds:
+            LOGGER.debug("epoch %d: per-image results and confusion matrix took %.3f s of validation",
+                         epoch, capture.seconds)
+        with self._lock:
+            self._unsent[epoch] = (body, images, row)
+        self._send_stored()
+
+    def checkpoint_stored(self, epoch: int) -> None:
+        """last.pt holding `epoch` is in storage: that epoch and the ones before it may be reported."""
+        with self._lock:
+            self._stored_epoch = max(self._stored_epoch, epoch)
+        self._send_stored()
+
+    def _send_stored(self) -> None:
+        with self._lock:
+            ready = sorted(e for e in self._unsent if e <= self._stored_epoch)
+            reports = [self._unsent.pop(e) for e in ready]
+        if not reports:
+            return
+        storage = self.uploader.storage
+        checkpoint = storage.uri(storage.locate(self.settings.checkpoint_prefix + "last.pt"))
+        for body, images, row in reports:
+            self.backend.validation_results({**body, "checkpoint_path": checkpoint}, images)
+            self.backend.training_metrics({**row, "checkpoint_path": checkpoint})
+
+    def drop_unsent(self) -> None:
+        """The job ends without these epochs' last.pt in storage: they are not reported (a resumed
+        job trains them again)."""
+        with self._lock:
+            epochs, self._unsent = sorted(self._unsent), {}
+        if epochs:
+            LOGGER.info("epoch(s) %s not reported: their last.pt is not in storage (a resumed job trains them "
+                        "again)", ", ".join(map(str, epochs)))
 
     def on_train_end(self, trainer) -> None:
         """In a DDP worker, deliver what this process queued before it exits."""
@@ -481,8 +537,9 @@ def job_dir(settings: Settings) -> Path:
     return settings.work_dir / "jobs" / f"job-{settings.job_id}"
 
 
-def download_dataset(storage: Storage, settings: Settings) -> Path:
-    """Fetch and unpack the dataset (cached by ETag); return what Ultralytics' `data` takes.
+def download_dataset(storage: Storage, settings: Settings) -> tuple[Path, Path]:
+    """Fetch and unpack the dataset (cached by ETag); return what Ultralytics' `data` takes, and
+    the dataset's root folder (where data.yaml, or train/ for classification, is).
 
     DATASET_URI (or datasets/{DATASET_ID}.zip) may be an archive in storage, an unpacked prefix in
     storage (ending in /), or a local archive or folder.
@@ -518,11 +575,11 @@ def download_dataset(storage: Storage, settings: Settings) -> Path:
     root = find_dataset_root(folder)
     if not any((root / n).is_file() for n in ("data.yaml", "data.yml")):
         LOGGER.info("dataset at %s is a classification folder (train/, val/)", root)
-        return prepare_classification(root, job_dir(settings) / "classify", settings.val_fraction)
+        return prepare_classification(root, job_dir(settings) / "classify", settings.val_fraction), root
     data_yaml, data = resolve_data_yaml(root, job_dir(settings) / "data.yaml", settings.val_fraction)
     LOGGER.info("dataset ready at %s: %d classes, train=%s val=%s", root, len(data.get("names") or []) or data.get("nc", 0),
                 data["train"], data["val"])
-    return data_yaml
+    return data_yaml, root
 
 
 def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> Path:
@@ -855,7 +912,7 @@ def main() -> int:
         backend.watch_cancellation(settings.backend.health_interval, stop.request)
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
-        data = download_dataset(storage, settings)
+        data, reporter.dataset_root = download_dataset(storage, settings)
         stop.check()
         save_dir, resume_from = prepare_run(storage, settings)
         weights = str(resume_from) if resume_from else resolve_model(storage, settings)
@@ -864,14 +921,16 @@ def main() -> int:
         backend.log(f"dataset ready: {settings.dataset_uri}")
         stop.check()
         tracker.start()
-        reporter._uploader = CheckpointUploader(storage, settings, backend)
+        if tracker.run_id:  # the UI links to the run while training runs
+            backend.status("running", 0, **tracker.status_fields())
+        reporter.use_storage(storage)
         trainer = train_model(settings, task, weights, data, reporter, save_dir, resume=resume_from is not None)
         stop.phase = "finishing"
         uris = upload_outputs(storage, settings, trainer, reporter.uploader)
+        reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
         backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
         backend.status(
-            "completed", 100,
-            mlflow_run_id=tracker.run_id, mlflow_run_url=tracker.url,
+            "completed", 100, **tracker.status_fields(), mlflow_run_url=tracker.url,
             best_checkpoint=uris.get("best.pt"), last_checkpoint=uris.get("last.pt"),
             final_metrics=reporter.final_metrics or reporter.last_metrics,
             epochs_completed=reporter.epochs_completed,
@@ -886,15 +945,16 @@ def main() -> int:
         LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
                      redact(message), exc_info=code == EXIT_ERROR)
         deadline = time.monotonic() + settings.shutdown_timeout  # all clean-up fits the pod's grace period
-        if reporter._uploader:  # the last completed epoch's checkpoint, resumable, must reach storage
+        if reporter.uploading:  # the last completed epoch's checkpoint, resumable, must reach storage
             if was_ddp:  # rank 0 wrote it here, but its own upload may have been cut short
                 weights_dir = job_dir(settings) / "train" / "weights"
-                reporter._uploader.submit({n: weights_dir / n for n in ("last.pt", "best.pt")}, reporter.epochs_completed)
-            reporter._uploader.wait(max(0.0, deadline - time.monotonic() - 3))
+                reporter.uploader.submit({n: weights_dir / n for n in ("last.pt", "best.pt")}, reporter.epochs_completed)
+            reporter.uploader.wait(max(0.0, deadline - time.monotonic() - 3))
+        reporter.drop_unsent()
         within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
         progress = 100.0 * reporter.epochs_completed / reporter.total_epochs if reporter.total_epochs else 0
         backend.status("cancelled" if code == EXIT_CANCELLED else "failed", progress, error=message, exit_code=code,
-                       epochs_completed=reporter.epochs_completed, mlflow_run_id=tracker.run_id,
+                       epochs_completed=reporter.epochs_completed, **tracker.status_fields(),
                        training_time_seconds=round(time.monotonic() - started, 1))
         flush = max(0.5, min(settings.backend.flush_timeout, deadline - time.monotonic() - 1))
     finally:

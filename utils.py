@@ -60,13 +60,14 @@ DATASET_KEY = "datasets/{dataset_id}.zip"
 PRETRAINED_KEY = "{prefix}{model_name}.pt"
 CHECKPOINT_PREFIX = "checkpoints/job-{job_id}/"
 
+# The platform's task names (what bodies carry) by Ultralytics task name.
+PLATFORM_TASKS = {"detect": "object_detection", "segment": "instance_segmentation", "classify": "image_classification",
+                  "pose": "pose_estimation", "obb": "oriented_detection"}
+# TASK_TYPE accepts the platform's names, Ultralytics' names and the short forms.
 TASK_ALIASES = {
-    "object_detection": "detect",
-    "instance_segmentation": "segment",
-    "classification": "classify",
-    "pose_estimation": "pose",
-    "oriented_detection": "obb",
-    **{name: name for name in ("detect", "segment", "classify", "pose", "obb")},
+    **{platform: task for task, platform in PLATFORM_TASKS.items()},
+    **{name: name for name in PLATFORM_TASKS},
+    "detection": "detect", "segmentation": "segment", "classification": "classify",
 }
 STORAGE_TYPES = ("minio", "r2", "s3", "local")
 SECRET_NAME_PARTS = ("KEY", "SECRET", "TOKEN", "PASSWORD")
@@ -111,6 +112,8 @@ ENV_VARS: dict[str, str] = {
     "CALLBACK_MAX_ATTEMPTS": "8",
     "CALLBACK_FLUSH_TIMEOUT": "10",
     "CALLBACK_HEALTH_INTERVAL": "30",
+    "VALIDATION_IMAGES": "50",
+    "VALIDATION_CONF": "0.25",
     # storage
     "STORAGE_TYPE": "minio",
     "STORAGE_BUCKET": "vision-platform",
@@ -310,6 +313,8 @@ class Settings:
     val_fraction: float  # share of train images that become val when a dataset has no val split
     pretrained_prefix: str
     weights_download: bool
+    validation_images: int  # validation images per epoch with per-image results for the backend
+    validation_conf: float  # confidence threshold of those results' predicted boxes and of the confusion matrix
     mlflow_tracking_uri: str
     mlflow_experiment: str
     checkpoint_uri: str | None
@@ -505,6 +510,8 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         val_fraction=env.number("VAL_FRACTION", float, 0.01, 0.5, "a fraction from 0.01 to 0.5"),
         pretrained_prefix=prefix,
         weights_download=env.flag("WEIGHTS_DOWNLOAD"),
+        validation_images=env.number("VALIDATION_IMAGES", int, 0, 100_000, "an integer >= 0 (0 = none)"),
+        validation_conf=env.number("VALIDATION_CONF", float, 0, 1, "a number from 0 to 1"),
         mlflow_tracking_uri=tracking_uri,
         mlflow_experiment=experiment,
         checkpoint_uri=checkpoint_uri,
@@ -914,11 +921,12 @@ TERMINAL_STATUSES = {"completed", "failed", "cancelled"}
 class Event:
     method: str
     route: str
-    body: dict
+    body: dict | list
     key: str  # events with the same key are delivered one at a time, in order
     critical: bool  # never dropped or coalesced; retried until the flush deadline
     barrier: bool = False  # the final status: sent only after every earlier critical event
     progress: bool = False  # a per-epoch progress status: a newer one replaces it while queued
+    on_success: Callable[[Any], None] | None = None  # called with the response once the backend took it
     attempts: int = 0
     not_before: float = 0.0
     sending: bool = False  # a sender holds it right now: it cannot be dropped or coalesced
@@ -927,17 +935,21 @@ class Event:
 class Backend:
     """Sends the contract's callbacks from background threads; never blocks or fails training.
 
-    - Every event gets an `event_id` that stays the same across its retries, and is appended to
-      a JSON-lines event log before it is sent.
-    - Order: `status` events, `validation-results`, and the `metrics` of one name are each
-      delivered in order, one at a time; different routes and names (and log messages, which
-      carry their timestamp) go out in parallel on SENDERS (12) threads, so a slow backend does
-      not build a backlog. The final status waits for every status and validation result
-      before it (metrics and logs still queued may arrive after it).
+    - Every event gets an `event_id` that stays the same across its retries (each element of an
+      array body gets its own), and is appended to a JSON-lines event log before it is sent.
+    - Order: `status` events, `validation-results`, `training-metrics` and the `metrics` of one
+      name are each delivered in order, one at a time; different routes and names (and log
+      messages, which carry their timestamp) go out in parallel on SENDERS (12) threads, so a slow
+      backend does not build a backlog. The final status waits for every status and validation
+      result before it (metrics and logs still queued may arrive after it).
+    - Chained: the answer to `validation-results` carries `validation_result_id`; the epoch's
+      per-image results then go to `validation-image-results` in arrays of IMAGE_BATCH.
     - Retries: connection errors, timeouts, 408/425/429/5xx, with exponential backoff and full
       jitter, honouring Retry-After. `status` and `validation-results` are retried until the
       flush deadline; other events up to CALLBACK_MAX_ATTEMPTS times. A 404 switches the route
-      off (validation results then go out as `metrics`); other 4xx are logged once and dropped.
+      off (a `training-metrics` row then goes out as one `metrics` post per number); a 422 (the
+      body does not match the backend's schema) is logged once per route with the backend's
+      detail; other 4xx are logged once per route and status. None of them is retried.
     - Bounded: a queued progress status is replaced by a newer one, and past MAX_QUEUE events the
       oldest metric or log event is dropped (it stays in the event log); status and validation
       results are never dropped.
@@ -948,6 +960,7 @@ class Backend:
 
     SENDERS = 12
     MAX_QUEUE = 10_000
+    IMAGE_BATCH = 100
     BACKOFF_BASE = 0.5
     BACKOFF_CAP = 30.0
 
@@ -982,12 +995,32 @@ class Backend:
         self._emit("PATCH", "status", body, critical=True, barrier=final,
                    progress=status == "running" and "epoch" in extra)
 
-    def validation_results(self, epoch: int, total_epochs: int, metrics: dict, **extra) -> None:
-        body = {"epoch": epoch, "total_epochs": total_epochs, "metrics": metrics, **extra}
-        if "validation-results" in self._disabled_routes:
-            self._metrics_instead(body)
+    def validation_results(self, body: dict, images: list[dict] | None = None) -> None:
+        """One epoch's validation result; once the backend has stored it, its per-image results."""
+        def accepted(response) -> None:
+            result_id = _answer_field(response, "validation_result_id", "id")
+            if isinstance(result_id, int):
+                self.validation_image_results(result_id, body["epoch"], images)
+            elif ("validation-image-results", 0) not in self._warned:
+                self._warned.add(("validation-image-results", 0))
+                LOGGER.warning("the backend's validation-results answer has no validation_result_id: "
+                               "per-image results are not sent")
+
+        self._emit("POST", "validation-results", body, critical=True, on_success=accepted if images else None)
+
+    def validation_image_results(self, result_id: int, epoch: int, images: list[dict]) -> None:
+        """Per-image results of a stored validation result, IMAGE_BATCH per request."""
+        for i in range(0, len(images), self.IMAGE_BATCH):
+            chunk = [{**image, "validation_result_id": result_id, "epoch": epoch}
+                     for image in images[i:i + self.IMAGE_BATCH]]
+            self._emit("POST", "validation-image-results", chunk)
+
+    def training_metrics(self, row: dict) -> None:
+        """One epoch's row of every number; a backend without the route gets them as `metrics`."""
+        if "training-metrics" in self._disabled_routes:
+            self._metrics_instead(row)
         else:
-            self._emit("POST", "validation-results", body, critical=True)
+            self._emit("POST", "training-metrics", row)
 
     def metric(self, name: str, value: float, epoch: int, **extra) -> None:
         body = {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra}
@@ -1032,14 +1065,17 @@ class Backend:
 
     # -- queueing -------------------------------------------------------------------------------
 
-    def _emit(self, method: str, route: str, body: dict, critical: bool = False, barrier: bool = False,
-              progress: bool = False, key: str | None = None) -> None:
-        body = {**body, "event_id": uuid.uuid4().hex}
+    def _emit(self, method: str, route: str, body: dict | list, critical: bool = False, barrier: bool = False,
+              progress: bool = False, key: str | None = None, on_success: Callable[[Any], None] | None = None) -> None:
+        if isinstance(body, list):
+            body = [{**element, "event_id": uuid.uuid4().hex} for element in body]
+        else:
+            body = {**body, "event_id": uuid.uuid4().hex}
         self._append_event_log(method, route, body)
         if not self.settings.url:
             LOGGER.info("event %s %s: %s", method, route, json.dumps(body)[:500])
             return
-        event = Event(method, route, body, key or route, critical, barrier, progress)
+        event = Event(method, route, body, key or route, critical, barrier, progress, on_success)
         with self._cond:
             if progress:  # only the newest progress matters to the backend
                 self._queue = [e for e in self._queue if not (e.progress and not e.sending)]
@@ -1058,10 +1094,10 @@ class Backend:
                                    "and log events; they stay in the event log")
                 return
 
-    def _metrics_instead(self, validation: dict) -> None:
-        """The backend has no validation-results route: the epoch's numbers go out as metrics."""
-        for name, value in validation["metrics"].items():
-            self.metric(name, value, validation["epoch"], step=validation["epoch"])
+    def _metrics_instead(self, row: dict) -> None:
+        """The backend has no training-metrics route: the row's numbers go out one `metrics` post each."""
+        for name, value in row["extra_metrics"].items():
+            self.metric(name, value, row["epoch"], step=row["epoch"])
 
     def _append_event_log(self, method: str, route: str, body: dict) -> None:
         if self.event_log is None:
@@ -1145,7 +1181,7 @@ class Backend:
         import requests
 
         if event.route in self._disabled_routes:  # switched off by a 404 since it was queued
-            if event.route == "validation-results":
+            if event.route == "training-metrics":
                 self._metrics_instead(event.body)
             return None
         event.attempts += 1
@@ -1157,18 +1193,25 @@ class Backend:
                 timeout=(self.settings.connect_timeout, self.settings.timeout), verify=self.settings.verify)
             code = response.status_code
             if code < 400:
+                if event.on_success:
+                    try:
+                        event.on_success(response)
+                    except Exception as e:  # the event itself was delivered: never send it again
+                        LOGGER.warning("after %s %s: %s: %s", event.method, event.route, type(e).__name__, e)
                 return None
             if code == 404:
                 self._disable(event.route)
-                if event.route == "validation-results":
+                if event.route == "training-metrics":
                     self._metrics_instead(event.body)
                 return None
             if code not in RETRY_STATUSES:
                 if (event.route, code) not in self._warned:
                     self._warned.add((event.route, code))
                     hint = " (check INTERNAL_AUTH_TOKEN)" if code in (401, 403) else ""
+                    if code == 422:
+                        hint = " (the body does not match the backend's schema; numbers of this route are lost)"
                     LOGGER.error("backend rejected %s %s with %d%s: %s", event.method, event.route, code, hint,
-                                 self.redact(response.text[:200]))
+                                 self.redact(_refusal_detail(response)))
                 return None
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
@@ -1207,6 +1250,33 @@ class Backend:
         if left:
             LOGGER.warning("%d callback event(s) not delivered; they are in the event log", left)
         return left
+
+
+def _answer_field(response, *names: str) -> Any:
+    """The first of names in a JSON object answer, or None."""
+    try:
+        answer = response.json()
+    except ValueError:
+        return None
+    if not isinstance(answer, dict):
+        return None
+    return next((answer[n] for n in names if answer.get(n) is not None), None)
+
+
+def _refusal_detail(response) -> str:
+    """A refusal's reason: FastAPI's `detail` list as `field: message; ...`, else the text (shortened)."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        detail = None
+    if isinstance(detail, list):
+        parts = []
+        for item in detail[:10]:
+            if isinstance(item, dict):
+                where = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{where or 'body'}: {item.get('msg', item)}")
+        return "; ".join(parts)[:1000]
+    return str(detail if detail is not None else response.text)[:500]
 
 
 def _retry_after(value: str | None) -> float | None:

@@ -1,8 +1,11 @@
 """A stand-in for the platform backend's internal training routes, run as its own process.
 
 It implements the contract's callback routes under any base path, checks the
-X-Internal-Auth header, and appends every request it receives to a JSON-lines file.
-Faults are options, so tests can make it flaky, slow, route-less or cancelling:
+X-Internal-Auth header, validates every body against the backend's schemas
+(tests/contract_schemas.py) and answers a bad one with 422 and a FastAPI-style `detail`, as the
+platform's FastAPI backend does, answers `validation-results` with a `validation_result_id`, and
+appends every request it receives (with its outcome) to a JSON-lines file. Faults are options, so
+tests can make it flaky, slow, route-less or cancelling:
 
     python -m tests.backend_receiver --record /tmp/requests.jsonl --token secret \
         [--fail-rate 0.3] [--hang-rate 0.1] [--delay 2] [--missing-route validation-results] \
@@ -21,13 +24,15 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-ROUTES = {("PATCH", "status"), ("POST", "validation-results"), ("POST", "metrics"), ("POST", "logs"), ("GET", "health")}
+from tests.contract_schemas import SCHEMAS, problems
+
+ROUTES = {*SCHEMAS, ("GET", "health")}
 
 
 def make_handler(args: argparse.Namespace):
     lock = threading.Lock()
     rng = random.Random(args.seed)
-    state = {"epochs_seen": 0}
+    state = {"epochs_seen": 0, "result_ids": set()}
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -55,15 +60,22 @@ def make_handler(args: argparse.Namespace):
                 return
             elif route != "health" and roll < args.hang_rate + args.fail_rate:
                 code, answer = 500, {"detail": "injected failure"}
+            elif route != "health" and (detail := problems(method, route, body) or self._unknown_result(body)):
+                code, answer = 422, {"detail": detail}
             else:
                 if route == "validation-results":
                     with lock:
                         state["epochs_seen"] = max(state["epochs_seen"], int(body.get("epoch", 0)))
                 cancelled = args.cancel_after_epoch and state["epochs_seen"] >= args.cancel_after_epoch
                 code, answer = 200, ({"job_status": "cancelled" if cancelled else "running"} if route == "health" else {"ok": True})
+                if route == "validation-results":
+                    with lock:
+                        result_id = len(state["result_ids"]) + 1
+                        state["result_ids"].add(result_id)
+                    answer = {"id": result_id, "validation_result_id": result_id}
                 if args.delay:
                     time.sleep(args.delay)
-            self._record(method, route, body, code)
+            self._record(method, route, body, code, answer)
             data = json.dumps(answer).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -71,9 +83,18 @@ def make_handler(args: argparse.Namespace):
             self.end_headers()
             self.wfile.write(data)
 
-        def _record(self, method: str, route: str, body, outcome) -> None:
+        def _unknown_result(self, body) -> list[dict]:
+            """Image results must name a validation result this backend stored (a foreign key)."""
+            if not isinstance(body, list):
+                return []
+            with lock:
+                known = set(state["result_ids"])
+            return [{"type": "foreign_key", "loc": ["body", i, "validation_result_id"], "msg": "no such validation result"}
+                    for i, element in enumerate(body) if element.get("validation_result_id") not in known]
+
+        def _record(self, method: str, route: str, body, outcome, answer=None) -> None:
             entry = {"time": time.time(), "method": method, "path": self.path, "route": route,
-                     "auth": self.headers.get("X-Internal-Auth"), "body": body, "outcome": outcome}
+                     "auth": self.headers.get("X-Internal-Auth"), "body": body, "outcome": outcome, "answer": answer}
             with lock, open(args.record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")
 

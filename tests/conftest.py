@@ -189,6 +189,7 @@ class Receiver:
     """A running tests/backend_receiver.py process and what it recorded."""
 
     def __init__(self, folder: Path, token: str = AUTH_TOKEN, *options: str):
+        self.refusals_expected = False  # tests that send bad bodies on purpose set it
         self.record = folder / f"requests-{uuid.uuid4().hex[:8]}.jsonl"
         self.record.touch()
         self.proc, self.base = spawn_server("tests.backend_receiver", "--record", str(self.record), "--token", token,
@@ -205,6 +206,10 @@ class Receiver:
 
     def bodies(self, route: str) -> list[dict]:
         return [e["body"] for e in self.requests(route)]
+
+    def refusals(self) -> list[dict]:
+        """Requests the backend answered 422: their body did not match the contract's schema."""
+        return [e for e in self.requests(stored_only=False) if e["outcome"] == 422]
 
     def stop(self) -> None:
         with_group(self.proc, signal.SIGTERM)
@@ -223,6 +228,8 @@ def receiver_factory(tmp_path):
     yield start
     for r in started:
         r.stop()
+    refused = [(e["route"], e["body"]) for r in started if not r.refusals_expected for e in r.refusals()]
+    assert not refused, f"the backend refused bodies with 422 (contract mismatch): {str(refused)[:2000]}"
 
 
 @pytest.fixture

@@ -48,6 +48,8 @@ def worker(payload: Path, last: Path) -> None:
         lr={"lr/pg0": 0.01}, args=SimpleNamespace(task="detect", epochs=2, imgsz=64),
         metrics={"metrics/precision(B)": 0.5, "metrics/mAP50(B)": 0.25, "val/box_loss": 1.2},
         last=last, best=last, csv=last.with_name("results.csv"),
+        validator=SimpleNamespace(names={0: "rectangle"}, data={"names": {0: "rectangle"}}, metrics=SimpleNamespace(
+            ap_class_index=[0], nt_per_class=[2], box=SimpleNamespace(ap50=[0.25], ap=[0.1], p=[0.5], r=[0.4]))),
         label_loss_items=lambda loss, prefix: {f"{prefix}/{k}": v for k, v in loss.items()},
     )
     trainer.csv.write_text("epoch,time\n1,1.0\n")

@@ -12,6 +12,18 @@ from tests.conftest import AUTH_TOKEN, free_port
 from utils import Backend, BackendSettings, Redactor, _retry_after
 
 
+def result(epoch: int, total: int = 3, **metrics) -> dict:
+    """A validation-results body as train.py sends it (the required fields)."""
+    metrics = metrics or {"mAP50": 0.1}
+    return {"epoch": epoch, "total_epochs": total, "task_type": "object_detection", "primary_metric_name": "mAP@0.5",
+            "primary_metric_value": metrics.get("mAP50", 0.0), "metrics": metrics}
+
+
+def row(epoch: int, **numbers) -> dict:
+    """A training-metrics row as train.py sends it."""
+    return {"epoch": epoch, "step": epoch, "loss": 1.0, "accuracy": 0.5, "extra_metrics": numbers or {"train_loss": 1.0}}
+
+
 def client(url: str | None, tmp_path, **kw) -> Backend:
     settings = BackendSettings(url=url, token=AUTH_TOKEN, connect_timeout=1, timeout=2,
                                max_attempts=kw.pop("max_attempts", 8), flush_timeout=kw.pop("flush_timeout", 10))
@@ -22,7 +34,7 @@ def test_events_arrive_in_order_per_route_with_auth_header_and_unique_ids(receiv
     backend = client(receiver.url("1"), tmp_path)
     backend.status("running", 0)
     for epoch in (1, 2, 3):
-        backend.validation_results(epoch, 3, {"mAP50": 0.5})
+        backend.validation_results(result(epoch))
         backend.metric("train/box_loss", 1.0 / epoch, epoch)
         backend.status("running", 100 * epoch / 3, epoch=epoch)
     backend.log("checkpoint uploaded")
@@ -60,7 +72,7 @@ def test_queued_progress_is_coalesced_but_status_changes_are_kept(tmp_path):
     backend.status("running", 0)
     for epoch in range(1, 6):
         backend.status("running", epoch * 10, epoch=epoch)
-        backend.validation_results(epoch, 5, {"mAP50": 0.1})
+        backend.validation_results(result(epoch, 5))
     queued = [(e.route, e.body.get("epoch")) for e in backend._queue]
     assert queued.count(("status", None)) == 1  # the start of the job is a status change: kept
     assert [ep for route, ep in queued if route == "status" and ep] == [5]  # progress: only the newest
@@ -72,7 +84,7 @@ def test_full_queue_drops_metrics_never_validation_results(tmp_path):
     backend = client(f"http://127.0.0.1:{free_port()}", tmp_path, flush_timeout=0)
     backend.BACKOFF_BASE, backend.MAX_QUEUE = 5, 10
     for epoch in range(1, 8):
-        backend.validation_results(epoch, 7, {"mAP50": 0.1})
+        backend.validation_results(result(epoch, 7))
         backend.metric("loss", 1.0, epoch)
     routes = [e.route for e in backend._queue]
     assert routes.count("validation-results") == 7 and len(routes) <= 11
@@ -86,7 +98,7 @@ def test_retried_events_keep_their_event_id_and_all_arrive(receiver_factory, tmp
     backend = client(receiver.url("1"), tmp_path)
     backend.BACKOFF_BASE = 0.01
     for epoch in range(1, 11):
-        backend.validation_results(epoch, 10, {"mAP50": 0.1})
+        backend.validation_results(result(epoch, 10))
     assert backend.close() == 0
     all_tries = receiver.requests("validation-results", stored_only=False)
     stored = receiver.requests("validation-results")
@@ -96,17 +108,63 @@ def test_retried_events_keep_their_event_id_and_all_arrive(receiver_factory, tmp
     assert failed_ids <= {e["body"]["event_id"] for e in stored}  # a retry is the same event
 
 
-def test_missing_route_is_dropped_after_one_404_and_its_numbers_go_to_metrics(receiver_factory, tmp_path, caplog):
-    receiver = receiver_factory("--missing-route", "validation-results")
+def test_missing_training_metrics_route_is_dropped_after_one_404_and_its_numbers_go_to_metrics(
+        receiver_factory, tmp_path, caplog):
+    receiver = receiver_factory("--missing-route", "training-metrics")
     backend = client(receiver.url("1"), tmp_path)
     for epoch in (1, 2, 3):
-        backend.validation_results(epoch, 3, {"mAP50": 0.1 * epoch, "recall": 0.5})
+        backend.training_metrics(row(epoch, **{"train/box_loss": 0.1 * epoch, "mAP50": 0.5}))
     assert backend.close() == 0
-    tries = receiver.requests("validation-results", stored_only=False)
+    tries = receiver.requests("training-metrics", stored_only=False)
     assert len(tries) == 1 and tries[0]["outcome"] == 404
     metrics = {(m["name"], m["epoch"]): m["value"] for m in receiver.bodies("metrics")}
-    assert metrics == {("mAP50", e): pytest.approx(0.1 * e) for e in (1, 2, 3)} | {("recall", e): 0.5 for e in (1, 2, 3)}
-    assert sum("no validation-results route" in r.message for r in caplog.records) == 1
+    assert metrics == {("train/box_loss", e): pytest.approx(0.1 * e) for e in (1, 2, 3)} | {("mAP50", e): 0.5 for e in (1, 2, 3)}
+    assert all(m["step"] == m["epoch"] for m in receiver.bodies("metrics"))
+    assert sum("no training-metrics route" in r.message for r in caplog.records) == 1
+
+
+def test_image_results_follow_the_stored_validation_result_in_batches(receiver, tmp_path):
+    backend = client(receiver.url("1"), tmp_path)
+    images = [{"image_name": f"images/val/{i}.jpg", "image_index": i, "is_correct": True} for i in range(250)]
+    backend.validation_results(result(1), images)
+    backend.validation_results(result(2), images[:3])
+    assert backend.close() == 0
+    answers = {e["body"]["epoch"]: e["answer"]["validation_result_id"] for e in receiver.requests("validation-results")}
+    posts = receiver.bodies("validation-image-results")
+    assert sorted(len(p) for p in posts) == [3, 50, 100, 100]  # arrays of at most 100
+    for epoch, result_id in answers.items():
+        mine = [i for p in posts for i in p if i["validation_result_id"] == result_id]
+        assert sorted(i["image_index"] for i in mine) == list(range(250 if epoch == 1 else 3))
+        assert all(i["epoch"] == epoch for i in mine)
+    ids = [i["event_id"] for p in posts for i in p]
+    assert len(set(ids)) == len(ids) == 253  # each element is an event of its own
+
+
+def test_without_a_validation_results_route_image_results_are_not_sent(receiver_factory, tmp_path):
+    receiver = receiver_factory("--missing-route", "validation-results")
+    backend = client(receiver.url("1"), tmp_path)
+    backend.validation_results(result(1), [{"image_name": "a.jpg", "image_index": 0}])
+    backend.validation_results(result(2), [{"image_name": "a.jpg", "image_index": 0}])
+    assert backend.close() == 0
+    assert len(receiver.requests("validation-results", stored_only=False)) == 1  # dropped after one 404
+    assert receiver.requests("validation-image-results", stored_only=False) == []
+
+
+def test_a_refused_body_is_logged_once_per_route_with_the_backends_detail(receiver_factory, tmp_path, caplog):
+    receiver = receiver_factory()
+    backend = client(receiver.url("1"), tmp_path)
+    for epoch in (1, 2):
+        bad = result(epoch)
+        del bad["task_type"]
+        backend.validation_results(bad)
+    backend.training_metrics({"epoch": 1})  # no step
+    assert backend.close() == 0
+    assert [e["outcome"] for e in receiver.requests(stored_only=False)] == [422, 422, 422]  # not retried
+    errors = [r.message for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 2
+    assert any("validation-results with 422" in m and "task_type: Field required" in m for m in errors)
+    assert any("training-metrics with 422" in m and "step: Field required" in m for m in errors)
+    receiver.refusals_expected = True  # these refusals were the point of the test
 
 
 def test_rejected_auth_is_not_retried(receiver_factory, tmp_path):
@@ -122,7 +180,7 @@ def test_dead_backend_is_not_waited_for_at_exit(tmp_path):
     backend = client(f"http://127.0.0.1:{free_port()}", tmp_path, flush_timeout=10)
     start = time.monotonic()
     for epoch in range(1, 6):
-        backend.validation_results(epoch, 5, {"mAP50": 0.1})  # never blocks the caller
+        backend.validation_results(result(epoch, 5))  # never blocks the caller
     assert time.monotonic() - start < 0.5
     left = backend.close()
     assert time.monotonic() - start < 1.0  # refused connections at exit: not waited for
@@ -154,7 +212,7 @@ def test_health_reads_job_status(receiver_factory, tmp_path):
     receiver = receiver_factory("--cancel-after-epoch", "1")
     backend = client(receiver.url("1"), tmp_path)
     assert backend.health() == "running"
-    backend.validation_results(1, 3, {})
+    backend.validation_results(result(1))
     backend.close()
     assert backend.health() == "cancelled"
     assert client(f"http://127.0.0.1:{free_port()}", tmp_path).health() is None  # unreachable: cannot tell

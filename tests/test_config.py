@@ -51,6 +51,7 @@ def test_launch_variables_are_parsed():
 @pytest.mark.parametrize("alias,task", [
     ("object_detection", "detect"), ("instance_segmentation", "segment"), ("classification", "classify"),
     ("pose_estimation", "pose"), ("oriented_detection", "obb"), ("detect", "detect"), ("OBB", "obb"),
+    ("image_classification", "classify"), ("detection", "detect"), ("segmentation", "segment"),
 ])
 def test_task_type_accepts_platform_and_ultralytics_names(alias, task):
     assert load_settings({**BASE, "TASK_TYPE": alias}).task == task

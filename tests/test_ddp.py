@@ -43,8 +43,10 @@ def test_callbacks_survive_the_ddp_relaunch_and_only_rank_0_reports(receiver, tm
 
     run_sim("worker", str(payload), str(last), env={**env, "RANK": "0", "LOCAL_RANK": "0"})
     (result,) = receiver.bodies("validation-results")  # once, from rank 0, flushed before the worker exited
-    assert result["epoch"] == 1 and result["metrics"]["mAP50"] == 0.25
-    assert {m["name"] for m in receiver.bodies("metrics")} == {"train/box_loss", "lr/pg0"}
+    assert result["epoch"] == 1 and result["metrics"]["mAP50"] == 0.25 and result["task_type"] == "object_detection"
+    assert result["per_class_metrics"]["rectangle"]["ap_50"] == 0.25
+    (row,) = receiver.bodies("training-metrics")
+    assert {"train/box_loss", "lr/pg0", "train_loss"} <= set(row["extra_metrics"])
     assert receiver.bodies("status")[-1]["epoch"] == 1
     stored = tmp_path / "store" / "vision-platform" / "checkpoints" / f"job-{job_id}" / "last.pt"
     assert stored.read_bytes() == last.read_bytes()  # the worker uploaded the checkpoint itself

@@ -70,12 +70,17 @@ def job_env(world: dict, receiver: Receiver | None, folder, **extra) -> dict:
             "WORK_DIR": str(folder / "work"), "MLFLOW_TRACKING_URI": f"sqlite:///{folder / 'mlflow.db'}", **extra}
 
 
+def event_ids(body) -> tuple:
+    """The event_id of a body, or of each element of an array body."""
+    return tuple(b["event_id"] for b in body) if isinstance(body, list) else (body["event_id"],)
+
+
 def unique(entries: list[dict]) -> list[dict]:
     """Stored requests de-duplicated by event_id, in order of first arrival."""
     seen, out = set(), []
     for e in entries:
-        if e["body"]["event_id"] not in seen:
-            seen.add(e["body"]["event_id"])
+        if event_ids(e["body"]) not in seen:
+            seen.add(event_ids(e["body"]))
             out.append(e)
     return out
 
@@ -114,7 +119,7 @@ def test_flaky_backend_gets_every_epoch_and_the_final_status_exactly_once(world,
     epochs = [e["body"]["epoch"] for e in stored if e["route"] == "validation-results"]
     assert epochs == list(range(1, EPOCHS + 1))
     assert_final_status_last(stored, "completed")
-    arrived = {e["body"]["event_id"] for e in stored}
+    arrived = {i for e in stored for i in event_ids(e["body"])}
     for event in stored_events(world, env["JOB_ID"]):  # what the trainer emitted
         progress = event["route"] == "status" and event["body"]["status"] == "running" and "epoch" in event["body"]
         if event["route"] in ("status", "validation-results") and not progress:  # progress may be coalesced
@@ -189,7 +194,8 @@ def test_sigterm_after_the_first_epoch_leaves_a_resumable_checkpoint(world, rece
     assert stored_events(world, env["JOB_ID"])[-1]["body"]["status"] == "cancelled"
 
 
-def test_sigkill_then_the_same_command_resumes_and_finishes(world, mlflow_server, receiver_factory, tmp_path):
+def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_no_epoch_twice(
+        world, mlflow_server, receiver_factory, tmp_path):
     from mlflow import MlflowClient
 
     receiver = receiver_factory()
@@ -199,27 +205,26 @@ def test_sigkill_then_the_same_command_resumes_and_finishes(world, mlflow_server
     (tmp_path / "first").mkdir()
     proc = start_entry("train.py", env, tmp_path / "first")
 
-    def last_uploaded() -> int:
-        found = [re.search(r"last\.pt.* of epoch (\d+) uploaded", b["message"]) for b in receiver.bodies("logs")]
-        return max([int(m.group(1)) for m in found if m] or [0])
+    def reported() -> int:
+        return max([b["epoch"] for b in receiver.bodies("validation-results")] or [0])
 
     try:
-        wait_until(lambda: last_uploaded() >= 2, 240, "epoch 2's checkpoint in storage")
-        proc.kill()  # SIGKILL: no clean-up at all
+        wait_until(lambda: reported() >= 2, 240, "epoch 2's validation result at the backend")
+        proc.kill()  # SIGKILL right after the result arrived: no clean-up at all
         proc.wait(30)
     finally:
         proc.kill()
-    done = last_uploaded()
+    done = reported()
     assert done in (2, 3)  # killed mid-way through a 4-epoch job
 
     (tmp_path / "second").mkdir()  # a new pod: nothing local survives, only storage
     again = {**env, "WORK_DIR": str(tmp_path / "second" / "work")}
     result = run_entry("train.py", again, cwd=tmp_path / "second", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-    epochs = [b["epoch"] for b in receiver.bodies("validation-results")]
-    assert epochs[epochs.index(done) + 1:] == list(range(done + 1, 5))  # the second run did only the rest
-    assert sorted(set(epochs)) == [1, 2, 3, 4]
     assert any(b["message"] == f"resumed training at epoch {done + 1} of 4" for b in receiver.bodies("logs"))
+    results = [e["body"] for e in unique(receiver.requests("validation-results"))]
+    assert [r["epoch"] for r in results] == [1, 2, 3, 4]  # each epoch reported exactly once, in order
+    assert [r["epoch"] for r in receiver.bodies("training-metrics")] == [1, 2, 3, 4]
     final = receiver.bodies("status")[-1]
     assert final["status"] == "completed" and final["epochs_completed"] == 4
     client = MlflowClient(mlflow_server)
@@ -227,6 +232,21 @@ def test_sigkill_then_the_same_command_resumes_and_finishes(world, mlflow_server
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "mAP50"))
     assert set(steps) == {1, 2, 3, 4} and len(steps) <= 5  # an epoch cut short by the kill may be logged twice
+
+
+def test_backend_without_training_metrics_or_image_routes_gets_every_number_as_metrics(world, receiver_factory,
+                                                                                      tmp_path):
+    receiver = receiver_factory("--missing-route", "training-metrics", "--missing-route", "validation-image-results")
+    env = job_env(world, receiver, tmp_path, EPOCHS="2")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [b["epoch"] for b in receiver.bodies("validation-results")] == [1, 2]
+    posted = {(m["name"], m["epoch"]) for m in receiver.bodies("metrics")}
+    for name in ("train/box_loss", "lr/pg0", "train_loss", "val_loss", "mAP50", "val/box_loss"):
+        assert {(name, 1), (name, 2)} <= posted, name
+    assert len(receiver.requests("training-metrics", stored_only=False)) == 1  # one 404, then not again
+    assert len(receiver.requests("validation-image-results", stored_only=False)) == 1
+    assert receiver.bodies("status")[-1]["status"] == "completed"
 
 
 def test_resume_false_starts_again(world, receiver_factory, tmp_path):

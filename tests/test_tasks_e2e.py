@@ -20,13 +20,46 @@ from tests.conftest import FAST_TRAINING, SECRETS, run_entry, storage_env
 from tests.sample_data import make_dataset, make_zip
 
 EPOCHS = 2
+PLATFORM = {"segment": "instance_segmentation", "pose": "pose_estimation", "obb": "oriented_detection",
+            "classify": "image_classification"}
 TASKS = {
     # task: (MODEL_NAME, TASK_TYPE or None = inferred, metric keys, predict fields)
     "segment": ("yolo11n-seg", "instance_segmentation", ("mask_mAP50", "mask_mAP50-95", "mAP50", "val/seg_loss"), "polygon"),
     "pose": ("yolo11n-pose.yaml", None, ("pose_mAP50", "pose_mAP50-95", "mAP50", "val/pose_loss"), "keypoints"),
     "obb": ("yolo11n-obb.yaml", "oriented_detection", ("mAP50", "mAP50-95", "precision", "val/box_loss"), "rotated_box"),
-    "classify": ("yolo11n-cls.yaml", None, ("top1", "top5", "val/loss"), "classifications"),
+    "classify": ("yolo11n-cls.yaml", "image_classification", ("top1", "top5", "val/loss", "accuracy", "f1_score"),
+                 "classifications"),
 }
+VAL_IMAGES = 16  # tests/sample_data.py's default validation split
+
+
+def assert_validation_details(task: str, results: list[dict], receiver) -> None:
+    """The task's primary metric, confusion matrix and per-image results, as the backend stores them."""
+    ids = {e["answer"]["validation_result_id"]: e["body"] for e in receiver.requests("validation-results")}
+    images = [i for b in receiver.bodies("validation-image-results") for i in b]
+    for result_id, r in ids.items():
+        mine = sorted((i for i in images if i["validation_result_id"] == result_id), key=lambda i: i["image_index"])
+        assert [i["image_index"] for i in mine] == list(range(VAL_IMAGES)), task
+        matrix, m = r["confusion_matrix"], r["metrics"]
+        assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+        if task == "classify":
+            assert r["primary_metric_name"] == "accuracy" and r["primary_metric_value"] == m["top1"] == m["accuracy"]
+            assert sum(map(sum, matrix)) == VAL_IMAGES  # every validation image once, row = its true class
+            assert (matrix[0][0] + matrix[1][1]) / VAL_IMAGES == pytest.approx(m["top1"], abs=1e-4)
+            assert [sum(row) for row in matrix] == [r["per_class_metrics"][n]["support"] for n in r["class_names"]]
+            assert sum(i["is_correct"] for i in mine) == matrix[0][0] + matrix[1][1]
+            for i in mine:
+                assert i["image_name"].startswith("val/") and i["true_label"] in r["class_names"]
+                assert i["top5_predictions"][0]["label_id"] == i["predicted_label_id"]
+                assert i["is_correct"] == (i["predicted_label_id"] == i["true_label_id"])
+                assert abs(sum(p["confidence"] for p in i["top5_predictions"]) - 1) < 0.01  # two classes
+        else:
+            assert r["primary_metric_name"] == "mAP@0.5" and r["primary_metric_value"] == m["mAP50"]
+            for i in mine:
+                assert i["true_boxes"] and all(0 <= v <= 64 for b in i["true_boxes"] + i["predicted_boxes"]
+                                               for v in b["bbox"])
+            if task == "segment":
+                assert m["mAP50(M)"] == m["mask_mAP50"] and "ap_50(M)" in r["per_class_metrics"]["rectangle"]
 
 
 @pytest.fixture(scope="module")
@@ -74,11 +107,15 @@ def test_task_trains_reports_its_metrics_and_predicts(task, space, mlflow_server
     statuses = [b["status"] for b in receiver.bodies("status")]
     assert statuses[0] == "running" and statuses[-1] == "completed"
     results = receiver.bodies("validation-results")
-    assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1)) and {r["task"] for r in results} == {task}
+    assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1))
+    assert {r["task_type"] for r in results} == {PLATFORM[task]}
     for r in results:
         assert set(keys) <= set(r["metrics"]), (task, sorted(r["metrics"]))
         assert all(0 <= r["metrics"][k] <= 1 for k in keys if not k.startswith("val/"))
-    assert {m["epoch"] for m in receiver.bodies("metrics")} == set(range(1, EPOCHS + 1))
+        names = ["ellipse", "rectangle"] if task == "classify" else ["rectangle", "ellipse"]  # class folders sort
+        assert r["class_names"] == names and set(r["per_class_metrics"]) == set(names)
+    assert [m["epoch"] for m in receiver.bodies("training-metrics")] == list(range(1, EPOCHS + 1))
+    assert_validation_details(task, results, receiver)
     if task == "segment":
         moved, total = map(int, re.search(r"Transferred (\d+)/(\d+) items from pretrained", result.stderr).groups())
         assert moved >= 0.95 * total  # started from the stored weights, not re-initialised

@@ -58,30 +58,80 @@ def test_exits_zero_and_reports_running_then_completed(job):
 def test_every_callback_carries_the_auth_header_and_an_event_id(job):
     entries = job["receiver"].requests(stored_only=False)
     assert entries and all(e["auth"] == SECRETS[2] for e in entries)
-    bodies = [e["body"] for e in entries if e["body"] is not None]
-    assert all(isinstance(b.get("event_id"), str) and b["event_id"] for b in bodies)
+    bodies = [b for e in entries if e["body"] is not None for b in (e["body"] if isinstance(e["body"], list) else [e["body"]])]
+    assert all(isinstance(b.get("event_id"), str) and b["event_id"] for b in bodies)  # each element of an array too
     assert len({b["event_id"] for b in bodies}) == len(bodies)
 
 
-def test_one_validation_result_per_epoch_with_metrics_in_range(job):
+def test_every_body_matches_the_backends_schema(job):
+    assert job["receiver"].refusals() == []
+    assert job["receiver"].requests("validation-image-results")  # the array route was used too
+
+
+def test_one_validation_result_per_epoch_with_the_contracts_fields(job):
     results = job["receiver"].bodies("validation-results")
     assert [r["epoch"] for r in results] == list(range(1, EPOCHS + 1))  # final evaluation is not an extra epoch
+    last_pt = f"s3://{job['bucket']}/checkpoints/job-{job['job_id']}/last.pt"
     for r in results:
-        assert r["total_epochs"] == EPOCHS
+        assert r["total_epochs"] == EPOCHS and r["task_type"] == "object_detection"
         m = r["metrics"]
         for key in ("precision", "recall", "mAP50", "mAP50-95", "fitness"):
             assert 0.0 <= m[key] <= 1.0, (key, m[key])
+        assert m["mAP@0.5"] == m["mAP50"] and m["mAP@0.5:0.95"] == m["mAP50-95"]  # the UI's names
+        assert (r["primary_metric_name"], r["primary_metric_value"]) == ("mAP@0.5", m["mAP50"])
         assert {"val/box_loss", "val/cls_loss", "val/dfl_loss"} <= set(m)
         assert all(math.isfinite(v) and v >= 0 for k, v in m.items() if k.startswith("val/"))
+        assert r["overall_loss"] == pytest.approx(sum(v for k, v in m.items() if k.startswith("val/")), abs=1e-4)
+        assert r["class_names"] == ["rectangle", "ellipse"] and r["checkpoint_path"] == last_pt
+        per_class = r["per_class_metrics"]
+        assert set(per_class) == {"rectangle", "ellipse"}
+        supported = [c for c in per_class.values() if c["support"] > 0]
+        assert supported
+        for key, overall in (("ap_50", "mAP50"), ("ap_50_95", "mAP50-95"), ("precision", "precision"),
+                             ("recall", "recall")):  # Ultralytics' overall numbers are the means over classes
+            assert sum(c[key] for c in supported) / len(supported) == pytest.approx(m[overall], abs=2e-4), key
+        matrix = r["confusion_matrix"]
+        assert len(matrix) == 2 and all(len(row) == 2 for row in matrix)
+        assert all(sum(row) <= per_class[name]["support"] for row, name in zip(matrix, r["class_names"]))
 
 
-def test_training_metrics_posted_each_epoch(job):
-    posted = job["receiver"].bodies("metrics")
-    for name in ("train/box_loss", "train/cls_loss", "train/dfl_loss", "lr/pg0", "lr/pg1", "lr/pg2"):
-        epochs = [p["epoch"] for p in posted if p["name"] == name]
-        assert epochs == list(range(1, EPOCHS + 1)), name  # each once, in epoch order
-    assert all(isinstance(p["value"], float) for p in posted)
-    assert not any(p["name"] == "mAP50" for p in posted)  # this backend has validation-results
+def test_validation_images_carry_boxes_inside_the_image(job):
+    ids = {e["body"]["epoch"]: e["answer"]["validation_result_id"] for e in job["receiver"].requests("validation-results")}
+    images = [image for b in job["receiver"].bodies("validation-image-results") for image in b]
+    assert sorted(ids) == list(range(1, EPOCHS + 1))
+    for epoch, result_id in ids.items():
+        mine = [i for i in images if i["validation_result_id"] == result_id]
+        assert all(i["epoch"] == epoch for i in mine)
+        assert sorted(i["image_index"] for i in mine) == list(range(16))  # 16 val images, fewer than 50
+        for i in mine:
+            assert i["image_name"].startswith("images/val/") and i["image_path"] == "/workspace/dataset/" + i["image_name"]
+            assert i["true_boxes"] and i["true_label"] in ("rectangle", "ellipse")
+            for box in i["true_boxes"] + i["predicted_boxes"]:
+                x1, y1, x2, y2 = box["bbox"]
+                assert 0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 64 and box["format"] == "xyxy"
+            assert all(b["confidence"] >= 0.25 for b in i["predicted_boxes"])
+
+
+def test_one_training_metrics_row_per_epoch(job):
+    rows = job["receiver"].bodies("training-metrics")
+    results = job["receiver"].bodies("validation-results")
+    assert [r["epoch"] for r in rows] == list(range(1, EPOCHS + 1))
+    for row, result in zip(rows, results):
+        extra = row["extra_metrics"]
+        assert row["step"] == row["epoch"] and row["accuracy"] == result["primary_metric_value"]
+        assert row["loss"] == pytest.approx(sum(v for k, v in extra.items() if k.startswith("train/")), abs=1e-4)
+        assert extra["train_loss"] == row["loss"] and extra["val_loss"] == result["overall_loss"]
+        assert row["learning_rate"] == extra["lr/pg0"] and row["checkpoint_path"] == result["checkpoint_path"]
+        assert {"train/box_loss", "train/cls_loss", "train/dfl_loss", "lr/pg1", "mAP50", "val/box_loss"} <= set(extra)
+    assert job["receiver"].bodies("metrics") == []  # this backend has training-metrics: no per-name posts
+
+
+def test_statuses_carry_the_mlflow_ids_once_the_run_exists(job):
+    statuses = job["receiver"].bodies("status")
+    first = next(i for i, s in enumerate(statuses) if s.get("mlflow_run_id"))
+    assert first == 1 and statuses[first]["status"] == "running"  # right after the run was made
+    assert all(s["mlflow_run_id"] == statuses[-1]["mlflow_run_id"] for s in statuses[first:])
+    assert all(s["mlflow_experiment_id"] == statuses[-1]["mlflow_experiment_id"] for s in statuses[first:])
 
 
 def test_final_status_carries_the_contract_fields(job):
@@ -132,8 +182,11 @@ def test_event_log_in_storage_matches_callbacks(job):
     key = f"checkpoints/job-{job['job_id']}/events.jsonl"
     lines = job["s3"].get_object(Bucket=job["bucket"], Key=key)["Body"].read().decode().splitlines()
     events = [json.loads(line) for line in lines]
-    sent = {e["body"]["event_id"] for e in job["receiver"].requests()}
-    assert {e["body"]["event_id"] for e in events} == sent
+
+    def ids(bodies) -> set:
+        return {b["event_id"] for body in bodies for b in (body if isinstance(body, list) else [body])}
+
+    assert ids(e["body"] for e in events) == ids(e["body"] for e in job["receiver"].requests())
     assert events[-1]["body"]["status"] == "completed"
 
 
@@ -150,7 +203,8 @@ def test_mlflow_has_one_run_with_one_point_per_epoch_params_and_artifacts(job):
     params = run.data.params
     assert params["epochs"] == str(EPOCHS) and params["imgsz"] == "64" and params["task"] == "detect"
     assert params["lr0"] == "0.01" and params["optimizer"] == "AdamW"  # LEARNING_RATE is honoured, not auto-replaced
-    for key in ("mAP50", "mAP50-95", "precision", "train/box_loss", "val/box_loss", "lr/pg0", "fitness"):
+    for key in ("mAP50", "mAP50-95", "precision", "train/box_loss", "val/box_loss", "lr/pg0", "fitness",
+                "train_loss", "val_loss"):
         steps = [m.step for m in client.get_metric_history(run.info.run_id, key)]
         assert sorted(steps) == list(range(1, EPOCHS + 1)), (key, steps)
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
