@@ -32,6 +32,7 @@ LOGGER = logging.getLogger("trainer")
 
 DATASET_MOUNT = "/workspace/dataset/"  # the backend maps this prefix onto its own copy of the dataset
 MAX_BOXES = 100  # predicted boxes per image in validation-image-results
+IOU_MATCH = 0.45  # a prediction and a true box are the same object above this IoU (Ultralytics' matrix rule)
 
 _METRIC = re.compile(r"metrics/(precision|recall|mAP50|mAP50-95)\(([BMP])\)")
 _KIND_PREFIX = {"B": "", "M": "mask_", "P": "pose_"}
@@ -194,13 +195,14 @@ class ValidationCapture:
 
     def start(self) -> None:
         """A new validation pass of the attached validator (after `attach`)."""
-        from ultralytics.utils.metrics import ConfusionMatrix
+        import numpy as np
 
         v = self.validator
         self.images, self.seen, self.seconds = [], 0, 0.0
         self.task = v.args.task
         self.names = class_names(v.names or v.data["names"])
-        self.matrix = None if self.task == "classify" else ConfusionMatrix(names=dict(enumerate(self.names)))
+        # [predicted, true] with a background row and column, as Ultralytics keeps it
+        self.matrix = None if self.task == "classify" else np.zeros((len(self.names) + 1,) * 2, dtype=np.int64)
         self.active = not self.broken
         if self.task == "classify" and not _sequential(v.dataloader):
             self.max_images = 0  # a shuffled loader gives no way to name its images
@@ -230,45 +232,75 @@ class ValidationCapture:
             return true_by_predicted(cm.matrix, len(self.names)) if cm is not None else None
         if self.matrix is None or self.broken:
             return None
-        return true_by_predicted(self.matrix.matrix, len(self.names))
+        return true_by_predicted(self.matrix, len(self.names))
 
     # -- detection, segmentation, pose, oriented boxes -------------------------------------------
 
     def _detect(self, preds: list[dict], batch: dict) -> None:
-        import torch
-        from ultralytics.utils import ops
+        """One batch: every image counts in the confusion matrix; the first images become entries.
 
-        imgsz = batch["img"].shape[2:]
-        scale = torch.tensor(imgsz, device=batch["bboxes"].device)[[1, 0, 1, 0]]
+        Ground truth and the predictions above VALIDATION_CONF leave the device once per batch (one
+        transfer, no per-image synchronisation on a GPU); the rest is small NumPy work per image.
+        """
+        import numpy as np
+        import torch
+
         obb = self.task == "obb"
-        for si, pred in enumerate(preds):
+        height, width = (int(v) for v in batch["img"].shape[2:])
+        owner = batch["batch_idx"].reshape(-1).long().cpu().numpy()
+        true_cls = batch["cls"].reshape(-1).long().cpu().numpy()
+        true = batch["bboxes"].float().cpu().numpy().copy()
+        scale = np.array([width, height, width, height], dtype=np.float32)
+        if obb:
+            true[:, :4] *= scale
+        else:
+            true = _xywh2xyxy(true) * scale
+        kept = [torch.cat([p["bboxes"], p["conf"][:, None], p["cls"][:, None]], 1)[p["conf"] >= self.conf] for p in preds]
+        found = torch.cat(kept).float().cpu().numpy() if kept else np.zeros((0, 7 if obb else 6), np.float32)
+        per_image = np.split(found, np.cumsum([len(k) for k in kept])[:-1]) if kept else []
+        for si, det in enumerate(per_image):
             index = self.seen
             self.seen += 1
-            mine = batch["batch_idx"] == si
-            true_cls = batch["cls"][mine].reshape(-1)
-            true = batch["bboxes"][mine].clone()
-            if obb:
-                true[..., :4] *= scale
-            else:
-                true = ops.xywh2xyxy(true) * scale
-            detections = {"bboxes": pred["bboxes"], "conf": pred["conf"], "cls": pred["cls"]}
-            self.matrix.process_batch(detections, {"cls": true_cls, "bboxes": true}, conf=self.conf)
+            det = det[np.argsort(-det[:, -2], kind="stable")]  # most confident first
+            mine = owner == si
+            self._count(true_cls[mine], true[mine], det[:, -1].astype(int), det[:, :-2], obb)
             if index < self.max_images:
-                self.images.append(self._detect_image(index, batch, si, true_cls, true, detections, imgsz, obb))
+                self.images.append(self._detect_image(index, batch, si, true_cls[mine], true[mine], det, obb))
 
-    def _detect_image(self, index, batch, si, true_cls, true, detections, imgsz, obb) -> dict:
+    def _count(self, true_cls, true, pred_cls, pred, obb: bool) -> None:
+        """Ultralytics' confusion-matrix rule (ConfusionMatrix.process_batch) on NumPy arrays: each
+        prediction, most confident first, claims the unclaimed true box it overlaps most (IoU > 0.45),
+        class-agnostic; unmatched true boxes count as missed (background row), unmatched predictions as
+        false (background column). Predictions arrive sorted by confidence."""
+        import numpy as np
+
+        nc, matrix = len(self.names), self.matrix
+        if not len(true_cls) or not len(pred_cls):
+            np.add.at(matrix, (pred_cls, nc), 1)
+            np.add.at(matrix, (nc, true_cls), 1)
+            return
+        iou = _iou(true, pred, obb)
+        match = np.full(len(true_cls), -1)
+        for d in np.flatnonzero((iou > IOU_MATCH).any(0)):
+            g = iou[:, d].argmax()
+            if iou[g, d] > IOU_MATCH:
+                match[g] = d
+                iou[g] = 0
+        hit = match >= 0
+        np.add.at(matrix, (pred_cls[match[hit]], true_cls[hit]), 1)
+        np.add.at(matrix, (nc, true_cls[~hit]), 1)
+        unmatched = np.setdiff1d(np.arange(len(pred_cls)), match[hit])
+        np.add.at(matrix, (pred_cls[unmatched], nc), 1)
+
+    def _detect_image(self, index, batch, si, true_cls, true, det, obb) -> dict:
         from ultralytics.utils import ops
-        from ultralytics.utils.metrics import batch_probiou, box_iou
 
-        keep = detections["conf"] >= self.conf
-        order = detections["conf"][keep].argsort(descending=True)[:MAX_BOXES]
-        pred_boxes = detections["bboxes"][keep][order].clone()
-        pred_conf = detections["conf"][keep][order].tolist()
-        pred_cls = [int(c) for c in detections["cls"][keep][order].tolist()]
+        det = det[:MAX_BOXES]
+        imgsz = tuple(batch["img"].shape[2:])
         shape, ratio_pad = batch["ori_shape"][si], batch["ratio_pad"][si]
-        true_px = ops.scale_boxes(imgsz, true.clone(), shape, ratio_pad=ratio_pad, xywh=obb)
-        pred_px = ops.scale_boxes(imgsz, pred_boxes.clone(), shape, ratio_pad=ratio_pad, xywh=obb)
-        true_cls = [int(c) for c in true_cls.tolist()]
+        true_px = ops.scale_boxes(imgsz, true.copy(), shape, ratio_pad=ratio_pad, xywh=obb)
+        pred_px = ops.scale_boxes(imgsz, det[:, :-2].copy(), shape, ratio_pad=ratio_pad, xywh=obb)
+        true_cls, pred_cls, pred_conf = true_cls.tolist(), det[:, -1].astype(int).tolist(), det[:, -2].tolist()
         entry = self._image_entry(index, batch["im_file"][si])
         entry["true_boxes"] = [_box(c, b, shape, obb) for c, b in zip(true_cls, true_px)]
         entry["predicted_boxes"] = [{**_box(c, b, shape, obb), "confidence": round(p, 5)}
@@ -280,8 +312,7 @@ class ValidationCapture:
                          confidence=round(pred_conf[0], 5))
         entry["is_correct"] = bool(set(true_cls) & set(pred_cls))
         if true_cls and pred_cls:
-            overlap = batch_probiou(true, pred_boxes[:1]) if obb else box_iou(true, pred_boxes[:1])
-            entry["iou"] = round(float(overlap.max()), 5)
+            entry["iou"] = round(float(_iou(true, det[:1, :-2], obb).max()), 5)
         return entry
 
     # -- classification ------------------------------------------------------------------------
@@ -310,14 +341,36 @@ class ValidationCapture:
 
     def _inside_dataset(self, path: str) -> str:
         """The image's path inside the dataset (symbolic links of a made-up split resolved)."""
-        p = Path(path)
         if self.root:
-            for candidate in (p, p.resolve()):
-                try:
-                    return candidate.relative_to(self.root).as_posix()
-                except ValueError:
-                    continue
-        return p.name
+            prefix = f"{self.root}/"
+            for candidate in (str(path), str(Path(path).resolve())):
+                if candidate.startswith(prefix):
+                    return candidate[len(prefix):]
+        return Path(path).name
+
+
+def _xywh2xyxy(boxes):
+    out = boxes.copy()
+    out[:, :2] = boxes[:, :2] - boxes[:, 2:4] / 2
+    out[:, 2:4] = boxes[:, :2] + boxes[:, 2:4] / 2
+    return out
+
+
+def _iou(true, pred, obb: bool):
+    """IoU of every true box (rows) with every predicted box (columns); Ultralytics' probabilistic
+    IoU for oriented boxes, as its own matching uses."""
+    import numpy as np
+
+    if obb:
+        from ultralytics.utils.metrics import batch_probiou
+
+        return np.asarray(batch_probiou(true, pred), dtype=np.float64)
+    lt = np.maximum(true[:, None, :2], pred[None, :, :2])
+    rb = np.minimum(true[:, None, 2:4], pred[None, :, 2:4])
+    inter = np.clip(rb - lt, 0, None).prod(2)
+    area_t = (true[:, 2] - true[:, 0]) * (true[:, 3] - true[:, 1])
+    area_p = (pred[:, 2] - pred[:, 0]) * (pred[:, 3] - pred[:, 1])
+    return inter / (area_t[:, None] + area_p[None, :] - inter + 1e-7)
 
 
 def _box(cls: int, box, shape, obb: bool) -> dict:
@@ -327,8 +380,8 @@ def _box(cls: int, box, shape, obb: bool) -> dict:
         from ultralytics.utils import ops
 
         corners = ops.xywhr2xyxyxyxy(box[None])[0]
-        x1, y1 = corners.min(0).values.tolist()
-        x2, y2 = corners.max(0).values.tolist()
+        x1, y1 = corners.min(0).tolist()
+        x2, y2 = corners.max(0).tolist()
     else:
         x1, y1, x2, y2 = box[:4].tolist()
     x1, x2 = (round(min(max(v, 0.0), width), 2) for v in (x1, x2))

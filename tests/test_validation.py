@@ -94,3 +94,34 @@ def test_epoch_report_has_every_required_field_of_the_contract():
     assert body["task_type"] == "oriented_detection" and body["overall_loss"] == 1.5 and images == []
     assert row["loss"] == 3.0 and row["extra_metrics"]["train_loss"] == 3.0 and row["extra_metrics"]["val_loss"] == 1.5
     assert row["learning_rate"] == 0.01 and row["accuracy"] == 0.4
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_confusion_matrix_follows_ultralytics_own_rule(seed):
+    """The capture counts on NumPy copies (one device transfer per batch); it must count exactly as
+    Ultralytics' ConfusionMatrix.process_batch does."""
+    import torch
+    from ultralytics.utils.metrics import ConfusionMatrix
+
+    from validation import ValidationCapture
+
+    rng = np.random.default_rng(seed)
+    names = {0: "a", 1: "b", 2: "c"}
+    theirs = ConfusionMatrix(names=names)
+    ours = ValidationCapture(None, 0, 0.25)
+    ours.names, ours.matrix = list(names.values()), np.zeros((4, 4), dtype=np.int64)
+    for _ in range(20):
+        n_true, n_pred = rng.integers(0, 5), rng.integers(0, 8)
+        centres = rng.uniform(10, 90, (max(n_true, 1), 2))
+        true = np.concatenate([centres - 8, centres + 8], 1)[:n_true]
+        pick = rng.integers(0, max(n_true, 1), n_pred)
+        jitter = rng.normal(0, 4, (n_pred, 4))
+        pred = (np.concatenate([centres - 8, centres + 8], 1)[pick] + jitter) if n_true else rng.uniform(0, 100, (n_pred, 4))
+        pred[:, 2:] = np.maximum(pred[:, 2:], pred[:, :2] + 1)
+        conf = np.sort(rng.uniform(0.3, 1, n_pred))[::-1].copy()
+        true_cls, pred_cls = rng.integers(0, 3, n_true), rng.integers(0, 3, n_pred)
+        theirs.process_batch({"bboxes": torch.tensor(pred, dtype=torch.float32), "conf": torch.tensor(conf),
+                              "cls": torch.tensor(pred_cls)},
+                             {"bboxes": torch.tensor(true, dtype=torch.float32), "cls": torch.tensor(true_cls)}, conf=0.0)
+        ours._count(true_cls, true.astype(np.float32), pred_cls, pred.astype(np.float32), obb=False)
+    assert ours.matrix.tolist() == theirs.matrix.astype(int).tolist()
