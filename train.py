@@ -472,6 +472,7 @@ class EpochReporter:
             self.stop.phase = "finishing"
         if not self.reports():
             return
+        self.backend.poll_health_now()  # a cancellation pressed during the epoch is seen now
         body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
         self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total,
                             **self.tracker.status_fields())

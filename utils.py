@@ -111,7 +111,7 @@ ENV_VARS: dict[str, str] = {
     "CALLBACK_TIMEOUT": "10",
     "CALLBACK_MAX_ATTEMPTS": "8",
     "CALLBACK_FLUSH_TIMEOUT": "10",
-    "CALLBACK_HEALTH_INTERVAL": "30",
+    "CALLBACK_HEALTH_INTERVAL": "10",
     "VALIDATION_IMAGES": "50",
     "VALIDATION_CONF": "0.25",
     # storage
@@ -283,7 +283,7 @@ class BackendSettings:
     timeout: float = 10.0
     max_attempts: int = 8
     flush_timeout: float = 10.0
-    health_interval: float = 30.0
+    health_interval: float = 10.0
     verify: bool | str = True  # TLS: True, False (TLS_VERIFY=false), or a CA bundle path
 
 
@@ -973,6 +973,7 @@ class Backend:
         self._cond = threading.Condition()
         self._log_lock = threading.Lock()
         self._closed = False
+        self._poll_now = False
         self._deadline = math.inf
         self._unreachable = False
         self._dropped = 0
@@ -1049,19 +1050,27 @@ class Backend:
             return None
 
     def watch_cancellation(self, interval: float, on_cancel) -> None:
-        """Poll GET /health every `interval` seconds in the background; call on_cancel once on 'cancelled'."""
+        """Poll GET /health in the background: at once, then every `interval` seconds and whenever
+        `poll_health_now` asks (after each epoch); call on_cancel once on 'cancelled'."""
         if not self.settings.url or interval <= 0:
             return
 
         def poll() -> None:
             while not self._closed:
-                with self._cond:
-                    self._cond.wait_for(lambda: self._closed, timeout=interval)
-                if not self._closed and self.health() == "cancelled":
+                if self.health() == "cancelled":
                     on_cancel("cancelled by the backend")
                     return
+                with self._cond:
+                    self._cond.wait_for(lambda: self._closed or self._poll_now, timeout=interval)
+                    self._poll_now = False
 
         threading.Thread(target=poll, name="health-poll", daemon=True).start()
+
+    def poll_health_now(self) -> None:
+        """Ask the health poller (if any) to ask the backend now rather than at its next interval."""
+        with self._cond:
+            self._poll_now = True
+            self._cond.notify_all()
 
     # -- queueing -------------------------------------------------------------------------------
 

@@ -152,18 +152,25 @@ def test_slow_backend_does_not_slow_training(world, receiver_factory, tmp_path):
     assert_final_status_last(stored, "completed")
 
 
-def test_backend_cancellation_stops_the_job(world, receiver_factory, tmp_path):
+def test_backend_cancellation_stops_the_job_within_seconds_at_the_default_interval(world, receiver_factory, tmp_path):
     receiver = receiver_factory("--cancel-after-epoch", "1")
-    env = job_env(world, receiver, tmp_path, EPOCHS="8", CALLBACK_HEALTH_INTERVAL="0.5")
+    env = job_env(world, receiver, tmp_path, EPOCHS="40", **TIMED)  # CALLBACK_HEALTH_INTERVAL left at its default
+    assert "CALLBACK_HEALTH_INTERVAL" not in env
     result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
     assert result.returncode == 143, result.stderr[-3000:]
     final = receiver.bodies("status")[-1]
     assert final["status"] == "cancelled" and final["error"] == "cancelled by the backend" and final["exit_code"] == 143
-    assert 1 <= final["epochs_completed"] < 8
+    assert 1 <= final["epochs_completed"] < 40
+    pressed = next(e["time"] for e in receiver.requests("validation-results") if e["body"]["epoch"] == 1)
+    stopped = next(e["time"] for e in receiver.requests("status") if e["body"]["status"] == "cancelled")
+    health = receiver.requests("health")
+    assert health[0]["time"] < pressed  # polled at start, not only after a first interval
+    # the poll after the next epoch sees it: about one epoch, never the 10 s interval plus several epochs
+    assert stopped - pressed < 15, (stopped - pressed, final["epochs_completed"])
     from mlflow import MlflowClient
 
-    run = MlflowClient(env["MLFLOW_TRACKING_URI"]).search_runs(
-        [MlflowClient(env["MLFLOW_TRACKING_URI"]).get_experiment_by_name("project-default").experiment_id])[0]
+    client = MlflowClient(env["MLFLOW_TRACKING_URI"])
+    run = client.search_runs([client.get_experiment_by_name("project-default").experiment_id])[0]
     assert run.info.status == "KILLED"
 
 
