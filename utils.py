@@ -928,6 +928,7 @@ class Event:
     progress: bool = False  # a per-epoch progress status: a newer one replaces it while queued
     on_success: Callable[[Any], None] | None = None  # called with the response once the backend took it
     attempts: int = 0
+    refusals: int = 0  # connection attempts refused (ECONNREFUSED): nothing listens at the backend's address
     not_before: float = 0.0
     sending: bool = False  # a sender holds it right now: it cannot be dropped or coalesced
 
@@ -1124,8 +1125,8 @@ class Backend:
         blocked = set(self._inflight)
         wait = math.inf
         for i, e in enumerate(self._queue):
-            if e.barrier:  # the final status goes after every status and validation result before it
-                if e.sending or any(x.critical for x in self._queue[:i]):
+            if e.barrier:  # the final status goes after every earlier status, and nothing else
+                if e.sending or any(x.route == "status" for x in self._queue[:i]):
                     return wait
                 if e.not_before <= now:
                     return e
@@ -1159,7 +1160,8 @@ class Backend:
                 event.sending = False
                 self._inflight.discard(event.key)
                 if delay is None:
-                    self._queue.remove(event)
+                    if event in self._queue:  # close() may have given up on the queue meanwhile
+                        self._queue.remove(event)
                 else:
                     event.not_before = time.monotonic() + delay
                 self._cond.notify_all()
@@ -1225,11 +1227,14 @@ class Backend:
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
         except (requests.ConnectionError, requests.Timeout) as e:
-            refused = isinstance(e, requests.ConnectionError) and not isinstance(e, requests.ReadTimeout)
-            if refused and self._closed:
-                self._unreachable = True  # at exit, a backend that refuses connections is not waited for
-                LOGGER.warning("backend unreachable at exit: not waiting for it (%s)", type(e).__name__)
-                return 0.0
+            if _refused(e):
+                event.refusals += 1
+                if self._closed and event.refusals >= 2:  # refused again at exit: nothing listens there
+                    self._unreachable = True
+                    LOGGER.warning("backend refuses connections at exit: not waiting for it")
+                    return 0.0
+                if self._closed:
+                    return 0.2  # one quick retry: a restarting backend or a lost race, not yet "down"
             problem = type(e).__name__
         except Exception as e:
             problem = type(e).__name__
@@ -1254,11 +1259,31 @@ class Backend:
         for t in self._threads:
             t.join(max(0.0, self._deadline - time.monotonic()) + 0.05)
         with self._cond:
-            left = len(self._queue)
-            self._queue.clear()
+            left = [e for e in self._queue if not e.sending]
+            inflight = len(self._queue) - len(left)
+            self._queue = [e for e in self._queue if e.sending]  # a sender still owns these
         if left:
-            LOGGER.warning("%d callback event(s) not delivered; they are in the event log", left)
-        return left
+            LOGGER.warning("%d callback event(s) not delivered; they are in the event log", len(left))
+        if inflight:
+            LOGGER.warning("%d callback event(s) still in flight at exit", inflight)
+        return len(left)
+
+
+def _refused(error: BaseException) -> bool:
+    """True only when the connection was actively refused (ECONNREFUSED): a reset, a dropped keep-alive,
+    a timeout or a TLS failure is a fault worth retrying, not a backend that is down."""
+    import errno
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, ConnectionRefusedError) or getattr(error, "errno", None) == errno.ECONNREFUSED:
+            return True
+        if "Connection refused" in str(error) and "NewConnectionError" in type(error).__name__:
+            return True
+        nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
+        error = error.__cause__ or error.__context__ or getattr(error, "reason", None) or (nested[0] if nested else None)
+    return False
 
 
 def _answer_field(response, *names: str) -> Any:

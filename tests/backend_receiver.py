@@ -9,7 +9,7 @@ tests can make it flaky, slow, route-less or cancelling:
 
     python -m tests.backend_receiver --record /tmp/requests.jsonl --token secret \
         [--fail-rate 0.3] [--hang-rate 0.1] [--delay 2] [--missing-route validation-results] \
-        [--cancel-after-epoch 1] [--seed 0]
+        [--fail-route validation-results] [--reset-final-once] [--cancel-after-epoch 1] [--seed 0]
 
 It prints `PORT <n>` on its first line of output once it listens on 127.0.0.1.
 """
@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import socket
 import sys
 import threading
 import time
@@ -50,8 +51,17 @@ def make_handler(args: argparse.Namespace):
                 body = json.loads(raw) if raw else None
             except json.JSONDecodeError:
                 body = {"_invalid_json": raw.decode("utf-8", "replace")}
+            final = route == "status" and isinstance(body, dict) and body.get("status") in ("completed", "failed", "cancelled")
+            if final and args.reset_final_once and not state.get("reset_done"):
+                state["reset_done"] = True
+                self._record(method, route, body, "reset")
+                self.close_connection = True  # the connection drops without an answer, as a restarting proxy does
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
             if (method, route) not in ROUTES or route in args.missing_route:
                 code, answer = 404, {"detail": "Not Found"}
+            elif route in args.fail_route:
+                code, answer = 500, {"detail": "this route always fails"}
             elif args.token and self.headers.get("X-Internal-Auth") != args.token:
                 code, answer = 403, {"detail": "bad internal auth"}
             elif route != "health" and roll < args.hang_rate:
@@ -120,6 +130,9 @@ def main() -> None:
     parser.add_argument("--hang-seconds", type=float, default=30.0)
     parser.add_argument("--delay", type=float, default=0.0, help="answer every request after this many seconds")
     parser.add_argument("--missing-route", action="append", default=[], help="answer 404 on this route")
+    parser.add_argument("--fail-route", action="append", default=[], help="answer 500 on this route, always")
+    parser.add_argument("--reset-final-once", action="store_true",
+                        help="drop the connection without answering the first final status")
     parser.add_argument("--cancel-after-epoch", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")

@@ -222,3 +222,42 @@ def test_retry_after_accepts_seconds_and_http_dates():
     assert _retry_after("3") == 3.0
     assert _retry_after(None) is None and _retry_after("soon") is None
     assert _retry_after("Wed, 21 Oct 2015 07:28:00 GMT") == 0.0  # in the past: no wait
+
+
+def test_a_dropped_connection_on_the_final_status_is_retried_not_taken_for_a_dead_backend(receiver_factory, tmp_path):
+    receiver = receiver_factory("--reset-final-once")
+    backend = client(receiver.url("1"), tmp_path)
+    backend.BACKOFF_BASE = 0.05
+    backend.status("running", 50)
+    backend.status("completed", 100)  # goes out after close() began, like at the end of a job
+    assert backend.close() == 0
+    outcomes = [(e["body"]["status"], e["outcome"]) for e in receiver.requests("status", stored_only=False)]
+    assert outcomes == [("running", 200), ("completed", "reset"), ("completed", 200)]
+
+
+def test_the_final_status_does_not_wait_behind_a_failing_route(receiver_factory, tmp_path):
+    receiver = receiver_factory("--fail-route", "validation-results")
+    backend = client(receiver.url("1"), tmp_path, flush_timeout=3)
+    backend.BACKOFF_BASE = 0.05
+    backend.status("running", 0)
+    backend.validation_results(result(1))
+    backend.status("completed", 100)
+    started = time.monotonic()
+    backend.close()
+    assert [b["status"] for b in receiver.bodies("status")] == ["running", "completed"]
+    assert receiver.requests("validation-results", stored_only=False)[0]["outcome"] == 500
+    assert time.monotonic() - started < 4
+
+
+def test_closing_while_a_request_is_in_flight_counts_it_in_flight_not_lost(receiver_factory, tmp_path, monkeypatch):
+    import threading
+
+    crashes = []
+    monkeypatch.setattr(threading, "excepthook", lambda args: crashes.append(args.exc_value))
+    receiver = receiver_factory("--delay", "1")
+    backend = client(receiver.url("1"), tmp_path)
+    backend.log("slow to answer")
+    time.sleep(0.2)  # the request is on its way
+    assert backend.close(timeout=0.2) == 0  # not lost: still in flight
+    time.sleep(1.5)  # the backend answers; the sender finishes the event
+    assert crashes == [] and len(receiver.requests("logs")) == 1
