@@ -15,8 +15,10 @@ message and exits with the contract's code (see README, "Exit codes").
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -73,6 +75,7 @@ from validation import ValidationCapture, contract_metrics, epoch_report, finite
 LOGGER = logging.getLogger("trainer")
 
 OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded beside the checkpoints
+COMPLETED_MARKER = "completed.json"  # checkpoints/job-{JOB_ID}/completed.json: the job finished
 MLFLOW_NAME = re.compile(r"[\w\-. :/]+")  # the characters MLflow accepts in a metric name
 
 
@@ -206,40 +209,66 @@ class Tracker:
 # ----------------------------------------------------------------------------------------------
 
 class StopSignal:
-    """Where SIGTERM/SIGINT and the backend's cancellation meet the training loop.
+    """Where SIGTERM/SIGINT and the backend's cancellation meet the job.
 
-    A stop is only acted on at safe points: between setup steps, and after a training or
-    validation batch, never while Ultralytics writes a checkpoint. Phases:
-    setup (a signal stops at once), training (stop after the current batch; a second signal
-    stops at once), finishing (training is over: the job completes, the signal is only noted),
-    cleanup (the job is reporting a failure: noted only).
+    The signal handler only records the request; the job acts on it at safe points: between
+    setup steps, in storage transfers (their progress callback), and after a training or
+    validation batch, never while Ultralytics writes a checkpoint. (Raising from the handler is
+    unsafe: inside a boto3 request botocore takes the exception for a network fault and retries.)
+
+    From the request on, one deadline, SHUTDOWN_TIMEOUT after it, bounds everything the job still
+    does: each clean-up step gets what is left, and a watchdog thread ends the process at the
+    deadline if a step will not, after `on_deadline` (the job's last report) had its last seconds.
+    Phases: setup and training (a stop raises Cancelled at the next safe point), ddp (the workers
+    are told to stop), finishing (training is over: the job completes if it can before the
+    deadline), cleanup (the job is reporting how it ended).
     """
 
-    def __init__(self):
+    LAST_WORDS = 3.0  # seconds the watchdog keeps before the deadline for the job's last report
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
         self.reason: str | None = None
         self.phase = "setup"
+        self.deadline: float | None = None
+        self.on_deadline: Callable[[], None] | None = None
 
     def install(self) -> None:
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
     def request(self, reason: str) -> None:
-        if self.reason is None:
-            self.reason = reason
-            LOGGER.warning("stop requested (%s) during %s", reason, self.phase)
-            if self.phase == "ddp":
-                stop_workers()
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self.deadline = time.monotonic() + self.timeout
+        LOGGER.warning("stop requested (%s) during %s; exiting within %g s", reason, self.phase, self.timeout)
+        threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
+        if self.phase == "ddp":
+            stop_workers()
 
     def check(self) -> None:
         """Raise Cancelled if a stop was requested and this phase may stop."""
         if self.reason and self.phase in ("setup", "training"):
             raise Cancelled(self.reason)
 
+    def remaining(self, reserve: float = 0.0, default: float = math.inf) -> float:
+        """Seconds left before the deadline, less `reserve`; `default` when no stop was requested."""
+        if self.deadline is None:
+            return default
+        return max(0.0, self.deadline - time.monotonic() - reserve)
+
     def _on_signal(self, signum: int, frame) -> None:
-        again = self.reason is not None
         self.request(f"received {signal.Signals(signum).name}")
-        if self.phase == "setup" or (self.phase == "training" and again):
-            raise Cancelled(self.reason)
+
+    def _watchdog(self) -> None:
+        time.sleep(self.remaining(self.LAST_WORDS))
+        LOGGER.error("shutdown did not finish within SHUTDOWN_TIMEOUT=%g s; exiting now", self.timeout)
+        if self.on_deadline:
+            within(self.remaining(0.5), self.on_deadline)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_CANCELLED)
 
 
 def stop_workers() -> None:
@@ -249,6 +278,20 @@ def stop_workers() -> None:
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child.terminate()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint file must not replace the one in storage, or None. torch saves a zip archive
+    whose directory is written last: a half-written file has none, a damaged one fails its CRCs.
+    Checked whole, without unpickling (which would run code from the file)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete checkpoint ({type(e).__name__}: {e})"
+    return f"a damaged checkpoint (entry {bad} fails its CRC)" if bad else None
 
 
 class CheckpointUploader:
@@ -303,6 +346,9 @@ class CheckpointUploader:
             uploaded = []
             for name, (staged, _) in batch.items():
                 try:
+                    if name.endswith(".pt") and (problem := checkpoint_problem(staged)):
+                        LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
+                        continue
                     self.storage.upload(staged, self.storage.locate(self.prefix + name))
                     uploaded.append(name)
                 except Exception as e:  # the final upload at the end tries again
@@ -501,6 +547,9 @@ class EpochReporter:
         for body, images, row in reports:
             self.backend.validation_results({**body, "checkpoint_path": checkpoint}, images)
             self.backend.training_metrics({**row, "checkpoint_path": checkpoint})
+
+    def progress(self) -> float:
+        return 100.0 * self.epochs_completed / self.total_epochs if self.total_epochs else 0.0
 
     def drop_unsent(self) -> None:
         """The job ends without these epochs' last.pt in storage: they are not reported (a resumed
@@ -750,49 +799,94 @@ def fetch_pretrained(storage: Storage, settings: Settings, name: str) -> Path:
         + f". Upload them once to {storage.uri(loc)} (see README, 'Pretrained weights').")
 
 
-def prepare_run(storage: Storage, settings: Settings) -> tuple[Path, Path | None]:
-    """A clean save_dir for this job; with RESUME=auto, restored from a resumable last.pt in storage.
+@dataclasses.dataclass
+class RunStart:
+    """Where a job starts: its save_dir, and a last.pt to resume from, or the finished job it already is."""
 
-    Returns (save_dir, the last.pt to resume from or None).
-    """
+    save_dir: Path
+    resume_from: Path | None = None
+    finished: dict | None = None  # the final fields of a job whose training is already over
+
+
+def prepare_run(storage: Storage, settings: Settings) -> RunStart:
+    """A clean save_dir for this job; with RESUME=auto, restored from a resumable last.pt in storage,
+    or recognised as finished: a last.pt of the same EPOCHS with every epoch done (a pod started
+    again after the job completed must not train from scratch over its checkpoints)."""
     save_dir = job_dir(settings) / "train"
     shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
     if not settings.resume:
-        return save_dir, None
+        return RunStart(save_dir)
     weights = save_dir / "weights"
     loc = storage.locate(settings.checkpoint_prefix + "last.pt")
     try:
         last = storage.download(loc, weights / "last.pt")
     except StorageNotFound:
-        return save_dir, None
-    why_not = _not_resumable(last, settings)
-    if why_not:
-        LOGGER.info("not resuming from %s: %s; starting a new training", storage.uri(loc), why_not)
+        return RunStart(save_dir)
+    state, why, ckpt = _checkpoint_state(last, settings)
+    if state == "finished":
+        LOGGER.info("%s holds the whole training (%s): this job has finished", storage.uri(loc), why)
+        return RunStart(save_dir, finished=_finished_fields(storage, settings, ckpt))
+    if state != "resumable":
+        LOGGER.info("not resuming from %s: %s; starting a new training", storage.uri(loc), why)
         shutil.rmtree(save_dir, ignore_errors=True)
-        return save_dir, None
+        return RunStart(save_dir)
     for name, dest in (("best.pt", weights / "best.pt"), ("results.csv", save_dir / "results.csv")):
         with contextlib.suppress(StorageNotFound):
             storage.download(storage.locate(settings.checkpoint_prefix + name), dest)
     LOGGER.info("resuming from %s", storage.uri(loc))
-    return save_dir, last
+    return RunStart(save_dir, resume_from=last)
 
 
-def _not_resumable(last: Path, settings: Settings) -> str | None:
-    """Why a downloaded last.pt cannot be resumed, or None if it can."""
+def _checkpoint_state(last: Path, settings: Settings) -> tuple[str, str, dict]:
+    """('resumable' | 'finished' | 'unusable', why, the checkpoint) for a downloaded last.pt."""
     import torch
 
     try:
         ckpt = torch.load(last, map_location="cpu", weights_only=False)
     except Exception as e:
-        return f"it cannot be read ({type(e).__name__})"
+        return "unusable", f"it cannot be read ({type(e).__name__})", {}
     epoch, total = ckpt.get("epoch", -1), (ckpt.get("train_args") or {}).get("epochs")
-    if ckpt.get("optimizer") is None or epoch is None or epoch < 0:
-        return "it is a finished checkpoint (no optimizer state)"
     if total != settings.epochs:
-        return f"it was trained for EPOCHS={total}, this job asks for {settings.epochs}"
+        return "unusable", f"it was trained for EPOCHS={total}, this job asks for {settings.epochs}", ckpt
+    if ckpt.get("optimizer") is None or epoch is None or epoch < 0:
+        return "finished", "a final checkpoint, without optimizer state", ckpt
     if epoch + 1 >= total:
-        return f"all {total} epochs are done"
-    return None
+        return "finished", f"all {total} epochs are done", ckpt
+    return "resumable", "", ckpt
+
+
+def _finished_fields(storage: Storage, settings: Settings, ckpt: dict) -> dict:
+    """The final status of a finished job, from its stored objects and its last checkpoint."""
+    fields = {"epochs_completed": settings.epochs, "exit_code": EXIT_OK,
+              "final_metrics": contract_metrics(ckpt.get("train_metrics") or {}, None)}
+    for name, key in (("best.pt", "best_checkpoint"), ("last.pt", "last_checkpoint")):
+        loc = storage.locate(settings.checkpoint_prefix + name)
+        if storage.head(loc) is not None:
+            fields[key] = storage.uri(loc)
+    return fields
+
+
+def completed_before(storage: Storage, settings: Settings) -> dict | None:
+    """The final status this job reported when it completed, if its completion marker is in storage."""
+    if not settings.resume:
+        return None
+    try:
+        fields = json.loads(storage.read_bytes(storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER)))
+    except StorageNotFound:
+        return None
+    except ValueError:
+        LOGGER.warning("%s is not valid JSON; ignoring it", COMPLETED_MARKER)
+        return None
+    return fields if isinstance(fields, dict) else None
+
+
+def mark_completed(storage: Storage, settings: Settings, fields: dict) -> None:
+    """The completion marker: the job's final fields, so a pod started again reports them and stops."""
+    try:
+        storage.put_bytes(json.dumps(fields).encode(), storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER),
+                          "application/json")
+    except TrainerError as e:
+        LOGGER.warning("could not store the completion marker: %s", e)
 
 
 def train_model(settings: Settings, task: str, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
@@ -840,6 +934,8 @@ def upload_outputs(storage: Storage, settings: Settings, trainer, uploader: Chec
     for name in ("best.pt", "last.pt"):
         path = Path(trainer.wdir) / name
         if path.is_file():
+            if problem := checkpoint_problem(path):
+                raise TrainerError(f"the final {name} is {problem}; not replacing the one in storage")
             uris[name] = storage.upload(path, storage.locate(settings.checkpoint_prefix + name))
     for path in sorted(Path(trainer.save_dir).iterdir()):
         if path.is_file() and path.suffix in OUTPUT_SUFFIXES:
@@ -860,6 +956,8 @@ def upload_event_log(storage: Storage, settings: Settings, event_log: Path) -> N
         storage.upload(event_log, storage.locate(settings.checkpoint_prefix + "events.jsonl"))
     except TrainerError as e:
         LOGGER.warning("could not upload the event log: %s", e)
+    except Exception as e:  # e.g. a stop at a transfer's safe point: the log is a courtesy
+        LOGGER.warning("could not upload the event log: %s: %s", type(e).__name__, e)
 
 
 def within(seconds: float, step, *args) -> None:
@@ -899,78 +997,112 @@ def main() -> int:
         return report_config_error(e, redact)
 
     log_configuration(settings)
-    stop = StopSignal()
+    stop = StopSignal(settings.shutdown_timeout)
     stop.install()
     event_log = job_dir(settings) / "events.jsonl"
     backend = Backend(settings.backend, redact, event_log)
     tracker = Tracker(settings, redact)
     reporter = EpochReporter(settings, redact, backend, tracker, stop)
+    stop.on_deadline = lambda: last_words(backend, tracker, reporter, stop)
     storage = None
     started = time.monotonic()
     flush = settings.backend.flush_timeout
     try:
-        backend.status("running", 0, started_at=now_iso())
-        backend.watch_cancellation(settings.backend.health_interval, stop.request)
-        storage = Storage(settings.storage)
-        prepare_ultralytics(settings.work_dir)
-        data, reporter.dataset_root = download_dataset(storage, settings)
-        stop.check()
-        save_dir, resume_from = prepare_run(storage, settings)
-        weights = str(resume_from) if resume_from else resolve_model(storage, settings)
-        task = resolve_task(settings, weights, data)
-        check_dataset_or_fail(data, task, settings, backend)
-        backend.log(f"dataset ready: {settings.dataset_uri}")
-        stop.check()
-        tracker.start()
-        if tracker.run_id:  # the UI links to the run while training runs
-            backend.status("running", 0, **tracker.status_fields())
-        reporter.use_storage(storage)
-        trainer = train_model(settings, task, weights, data, reporter, save_dir, resume=resume_from is not None)
-        stop.phase = "finishing"
-        uris = upload_outputs(storage, settings, trainer, reporter.uploader)
-        reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
-        backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
-        backend.status(
-            "completed", 100, **tracker.status_fields(), mlflow_run_url=tracker.url,
-            best_checkpoint=uris.get("best.pt"), last_checkpoint=uris.get("last.pt"),
-            final_metrics=reporter.final_metrics or reporter.last_metrics,
-            epochs_completed=reporter.epochs_completed,
-            training_time_seconds=round(time.monotonic() - started, 1), exit_code=EXIT_OK)
-        log_run_artifacts(tracker, trainer)  # while the final status goes out
-        tracker.finish("FINISHED")
+        storage = Storage(settings.storage, interrupt=stop.check)
+        if finished := completed_before(storage, settings):
+            LOGGER.info("job %s completed before (%s%s in storage): reporting completed again, not training",
+                        settings.job_id, settings.checkpoint_prefix, COMPLETED_MARKER)
+            backend.status("completed", 100, **finished)
+        else:
+            train_job(storage, settings, backend, tracker, reporter, stop, started)
         code = EXIT_OK
     except BaseException as e:  # one top-level handler: classify, report, exit with the contract's code
-        was_ddp = stop.phase == "ddp"
-        stop.phase = "cleanup"
-        code, message = classify_failure(e, stop)
-        LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
-                     redact(message), exc_info=code == EXIT_ERROR)
-        deadline = time.monotonic() + settings.shutdown_timeout  # all clean-up fits the pod's grace period
-        if reporter.uploading:  # the last completed epoch's checkpoint, resumable, must reach storage
-            if was_ddp:  # rank 0 wrote it here, but its own upload may have been cut short
-                weights_dir = job_dir(settings) / "train" / "weights"
-                reporter.uploader.submit({n: weights_dir / n for n in ("last.pt", "best.pt")}, reporter.epochs_completed)
-            reporter.uploader.wait(max(0.0, deadline - time.monotonic() - 3))
-        reporter.drop_unsent()
-        within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
-        progress = 100.0 * reporter.epochs_completed / reporter.total_epochs if reporter.total_epochs else 0
-        backend.status("cancelled" if code == EXIT_CANCELLED else "failed", progress, error=message, exit_code=code,
-                       epochs_completed=reporter.epochs_completed, **tracker.status_fields(),
-                       training_time_seconds=round(time.monotonic() - started, 1))
-        flush = max(0.5, min(settings.backend.flush_timeout, deadline - time.monotonic() - 1))
+        code = report_failure(e, settings, backend, tracker, reporter, stop, started)
+        flush = max(0.5, min(settings.backend.flush_timeout, stop.remaining(1.0, settings.shutdown_timeout)))
     finally:
         backend.close(flush)
-    if storage is not None:
-        upload_event_log(storage, settings, event_log)
+    if storage is not None:  # a courtesy copy: bounded by what is left of a stop's deadline
+        within(stop.remaining(0.5, default=60.0), upload_event_log, storage, settings, event_log)
     return code
 
 
+def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: Tracker, reporter: EpochReporter,
+              stop: StopSignal, started: float) -> None:
+    """The job's steps, from `running` to `completed` (raises on any failure)."""
+    backend.status("running", 0, started_at=now_iso())
+    backend.watch_cancellation(settings.backend.health_interval, stop.request)
+    prepare_ultralytics(settings.work_dir)
+    run = prepare_run(storage, settings)
+    if run.finished:  # a pod started again after the training was over: report it, train nothing
+        mark_completed(storage, settings, run.finished)
+        backend.status("completed", 100, **run.finished)
+        return
+    stop.check()
+    data, reporter.dataset_root = download_dataset(storage, settings)
+    stop.check()
+    weights = str(run.resume_from) if run.resume_from else resolve_model(storage, settings)
+    task = resolve_task(settings, weights, data)
+    check_dataset_or_fail(data, task, settings, backend)
+    backend.log(f"dataset ready: {settings.dataset_uri}")
+    stop.check()
+    tracker.start()
+    if tracker.run_id:  # the UI links to the run while training runs
+        backend.status("running", 0, **tracker.status_fields())
+    reporter.use_storage(storage)
+    trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
+    stop.phase = "finishing"
+    uris = upload_outputs(storage, settings, trainer, reporter.uploader)
+    reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
+    backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
+    final = {**tracker.status_fields(), "mlflow_run_url": tracker.url, "best_checkpoint": uris.get("best.pt"),
+             "last_checkpoint": uris.get("last.pt"), "final_metrics": reporter.final_metrics or reporter.last_metrics,
+             "epochs_completed": reporter.epochs_completed,
+             "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK}
+    mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
+    backend.status("completed", 100, **final)
+    log_run_artifacts(tracker, trainer)  # while the final status goes out
+    tracker.finish("FINISHED")
+
+
+def report_failure(error: BaseException, settings: Settings, backend: Backend, tracker: Tracker,
+                   reporter: EpochReporter, stop: StopSignal, started: float) -> int:
+    """A job that did not complete: keep its last checkpoint, end the MLflow run, report how it ended.
+    Everything fits what is left of SHUTDOWN_TIMEOUT, counted from the stop request (or from now)."""
+    was_ddp = stop.phase == "ddp"
+    stop.phase = "cleanup"
+    code, message = classify_failure(error, stop)
+    LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
+                 backend.redact(message), exc_info=code == EXIT_ERROR)
+    deadline = time.monotonic() + stop.remaining(default=settings.shutdown_timeout)
+    if reporter.uploading:  # the last completed epoch's checkpoint, resumable, must reach storage
+        if was_ddp:  # rank 0 wrote it here, but its own upload may have been cut short
+            weights_dir = job_dir(settings) / "train" / "weights"
+            reporter.uploader.submit({n: weights_dir / n for n in ("last.pt", "best.pt")}, reporter.epochs_completed)
+        reporter.uploader.wait(max(0.0, deadline - time.monotonic() - 3))
+    reporter.drop_unsent()
+    within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
+    backend.status("cancelled" if code == EXIT_CANCELLED else "failed", reporter.progress(), error=message,
+                   exit_code=code, epochs_completed=reporter.epochs_completed, **tracker.status_fields(),
+                   training_time_seconds=round(time.monotonic() - started, 1))
+    return code
+
+
+def last_words(backend: Backend, tracker: Tracker, reporter: EpochReporter, stop: StopSignal) -> None:
+    """The shutdown watchdog's: the deadline came before the job reported how it ended."""
+    if backend.final_status is None:
+        backend.status("cancelled", reporter.progress(), error=f"{stop.reason}; shutdown cut short at "
+                       f"SHUTDOWN_TIMEOUT={stop.timeout:g} s", exit_code=EXIT_CANCELLED,
+                       epochs_completed=reporter.epochs_completed, **tracker.status_fields())
+    backend.close(stop.remaining(0.5))
+
+
 def classify_failure(error: BaseException, stop: StopSignal) -> tuple[int, str]:
-    """Exit code and a readable message for any exception that ended the job."""
+    """Exit code and a readable message for any exception that ended the job. A requested stop comes
+    first: whatever it interrupted (a transfer, the DDP workers) failed because of it."""
+    if stop.reason:
+        return EXIT_CANCELLED, stop.reason
     if isinstance(error, TrainerError):
         return error.exit_code, str(error)
-    if stop.reason:  # e.g. the DDP workers we stopped ended with an error
-        return EXIT_CANCELLED, stop.reason
     if isinstance(error, KeyboardInterrupt):
         return EXIT_CANCELLED, "interrupted"
     return EXIT_ERROR, f"unexpected error: {type(error).__name__}: {error}"

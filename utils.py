@@ -652,8 +652,9 @@ class StorageNotFound(BadInput):
 class Storage:
     """One client for the job's bucket: MinIO, R2, S3 through boto3, or a local folder."""
 
-    def __init__(self, settings: StorageSettings):
+    def __init__(self, settings: StorageSettings, interrupt: Callable[[], None] | None = None):
         self.settings = settings
+        self.interrupt = interrupt  # called as transfers progress; what it raises (a stop) ends the transfer
         self.bucket = settings.bucket
         self._s3 = None if settings.type == "local" else self._client(settings)
         self._buckets_seen: set[str] = set()
@@ -750,7 +751,7 @@ class Storage:
                     shutil.copyfile(self._path(loc), part)
                 else:
                     with self._errors("download", loc):
-                        self._s3.download_file(loc.bucket, loc.key, str(part))
+                        self._s3.download_file(loc.bucket, loc.key, str(part), Callback=self._progress)
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
@@ -769,6 +770,11 @@ class Storage:
             part.unlink(missing_ok=True)
         log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
         return dest
+
+    def _progress(self, _bytes: int) -> None:
+        """boto3's transfer callback: a safe point to stop at (the exception ends the transfer)."""
+        if self.interrupt:
+            self.interrupt()
 
     def fetch(self, loc: Location, dest: Path) -> Path:
         """Download unless dest already holds this exact object (same ETag), e.g. after a restart."""
@@ -795,7 +801,7 @@ class Storage:
             return self._write_local(loc, lambda part: shutil.copyfile(path, part))
         for attempt in (1, 2):
             with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key)
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress)
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
@@ -974,6 +980,7 @@ class Backend:
         self._cond = threading.Condition()
         self._log_lock = threading.Lock()
         self._closed = False
+        self.final_status: str | None = None  # the terminal status this job reported, once it did
         self._poll_now = False
         self._deadline = math.inf
         self._unreachable = False
@@ -994,6 +1001,8 @@ class Backend:
         body = {"status": status, "error": self.redact(error) if error else None,
                 "progress": round(max(0.0, min(100.0, progress)), 2), "updated_at": now_iso(), **extra}
         final = status in TERMINAL_STATUSES
+        if final:
+            self.final_status = status
         self._emit("PATCH", "status", body, critical=True, barrier=final,
                    progress=status == "running" and "epoch" in extra)
 

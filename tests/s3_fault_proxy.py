@@ -4,7 +4,8 @@ Half of the failures answer 503 SlowDown (S3's throttling answer), the other hal
 connection without answering. Everything else is forwarded unchanged. The number of injected
 faults is written to --record, one line each, so a test can check faults really happened:
 
-    python -m tests.s3_fault_proxy --upstream http://127.0.0.1:9000 --fail-rate 0.2 --record faults.log
+    python -m tests.s3_fault_proxy --upstream http://127.0.0.1:9000 --fail-rate 0.2 --record faults.log \
+        [--hang-file /tmp/silent]   # while that file exists, requests are accepted and never answered
 
 It prints `PORT <n>` on its first line of output once it listens on 127.0.0.1.
 """
@@ -13,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import http.client
+import os
+import time
 import random
 import socket
 import threading
@@ -42,6 +45,10 @@ def make_handler(args: argparse.Namespace):
         def _handle(self) -> None:
             length = int(self.headers.get("Content-Length") or 0)
             body = self.rfile.read(length) if length else b""
+            if args.hang_file and os.path.exists(args.hang_file):  # a silent endpoint: accepts, never answers
+                self._fault("hang")
+                time.sleep(3600)
+                return
             with lock:
                 roll = rng.random()
             if roll < args.fail_rate / 2:
@@ -84,6 +91,7 @@ def main() -> None:
     parser.add_argument("--fail-rate", type=float, default=0.2)
     parser.add_argument("--record", required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--hang-file", help="while this file exists, accept requests and never answer them")
     parser.add_argument("--tls-cert", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", help="the certificate's private key (PEM)")
     args = parser.parse_args()

@@ -288,3 +288,112 @@ def test_flaky_storage_503s_and_dropped_connections_do_not_fail_the_job(world, r
         stored = world["s3"].get_object(Bucket=world["bucket"], Key=f"checkpoints/job-{env['JOB_ID']}/{name}")["Body"].read()
         assert stored == (local / name).read_bytes()  # intact, byte for byte
     assert receiver.bodies("status")[-1]["status"] == "completed"
+
+
+# ------------------------------------------------------------------------------------------
+# Endings: a silent storage endpoint, a completed job started again, a damaged checkpoint
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def silent_storage(world, tmp_path):
+    """An S3 proxy that goes silent (accepts, never answers) once its hang file exists."""
+    hang = tmp_path / "storage-is-silent"
+    proxy, url = spawn_server("tests.s3_fault_proxy", "--upstream", world["s3_server"], "--fail-rate", "0",
+                              "--record", str(tmp_path / "faults.log"), "--hang-file", str(hang))
+    yield url, hang
+    with_group(proxy, signal.SIGTERM)
+
+
+def test_sigterm_with_a_silent_storage_endpoint_exits_within_the_shutdown_timeout(world, receiver_factory,
+                                                                                  silent_storage, tmp_path):
+    url, hang = silent_storage
+    receiver = receiver_factory()
+    env = job_env(world, receiver, tmp_path, EPOCHS="30", MINIO_ENDPOINT=url, SHUTDOWN_TIMEOUT="10")
+    proc = start_entry("train.py", env, tmp_path)
+    try:
+        wait_until(lambda: receiver.bodies("validation-results"), 180, "the first epoch")
+        hang.touch()  # from now on every storage request hangs (STORAGE_TIMEOUT is 60 s, with retries)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert code == 143, proc.log_path.read_text()[-3000:]
+    assert took < 10 + 2, took  # one deadline from the signal: Kubernetes' SIGKILL never comes
+    final = receiver.bodies("status")[-1]
+    assert final["status"] == "cancelled" and final["exit_code"] == 143
+
+
+def test_sigterm_while_a_storage_request_hangs_in_setup_is_a_cancellation(world, receiver_factory, silent_storage,
+                                                                          tmp_path):
+    url, hang = silent_storage
+    hang.touch()  # storage is silent from the start: the job hangs in its first storage request
+    receiver = receiver_factory()
+    env = job_env(world, receiver, tmp_path, MINIO_ENDPOINT=url, SHUTDOWN_TIMEOUT="6")
+    proc = start_entry("train.py", env, tmp_path)
+    try:
+        wait_until(lambda: "hang" in (tmp_path / "faults.log").read_text(), 60, "the first storage request")
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(60)
+        took = time.monotonic() - sent
+    finally:
+        proc.kill()
+    assert code == 143, proc.log_path.read_text()[-3000:]  # not 75 "failed": the stop decides the code
+    assert took < 6 + 2, took
+    (final,) = [b for b in receiver.bodies("status") if b["status"] != "running"]
+    assert final["status"] == "cancelled" and "received SIGTERM" in final["error"]
+
+
+def test_a_completed_job_started_again_reports_completed_and_trains_nothing(world, receiver_factory, tmp_path):
+    receiver = receiver_factory()
+    env = job_env(world, receiver, tmp_path / "first", EPOCHS="1")
+    (tmp_path / "first").mkdir()
+    assert run_entry("train.py", env, cwd=tmp_path / "first", timeout=300).returncode == 0
+    prefix = f"checkpoints/job-{env['JOB_ID']}/"
+    best = world["s3"].head_object(Bucket=world["bucket"], Key=prefix + "best.pt")["ETag"]
+    first = receiver.bodies("status")[-1]
+
+    for attempt in ("marker", "finished-last.pt"):  # a new pod, nothing local; then without the marker
+        if attempt == "finished-last.pt":
+            world["s3"].delete_object(Bucket=world["bucket"], Key=prefix + "completed.json")
+        folder = tmp_path / attempt
+        folder.mkdir()
+        before = len(receiver.bodies("status"))
+        result = run_entry("train.py", {**env, "WORK_DIR": str(folder / "work")}, cwd=folder, timeout=300)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "Starting training" not in result.stderr
+        statuses = receiver.bodies("status")[before:]
+        assert statuses[-1]["status"] == "completed" and [s["status"] for s in statuses].count("running") <= 1
+        assert not any(s["status"] == "running" and s.get("epoch") for s in statuses)  # no training progress
+        assert statuses[-1]["best_checkpoint"] == first["best_checkpoint"]
+        assert statuses[-1]["epochs_completed"] == 1
+        assert world["s3"].head_object(Bucket=world["bucket"], Key=prefix + "best.pt")["ETag"] == best  # untouched
+    assert [b["epoch"] for b in receiver.bodies("validation-results")] == [1]  # trained once
+
+
+def test_a_damaged_checkpoint_never_replaces_the_good_one_in_storage(tmp_path):
+    """Multi-GPU: SIGTERM may reach a DDP worker while it writes last.pt; what it leaves is checked
+    before it replaces the stored checkpoint."""
+    from train import CheckpointUploader
+    from utils import Backend, BackendSettings, Redactor, Storage, StorageSettings, load_settings
+
+    settings = load_settings({"JOB_ID": "ddp1", "DATASET_ID": "d", "STORAGE_TYPE": "local",
+                              "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work")})
+    storage = Storage(settings.storage)
+    stored = []
+    uploader = CheckpointUploader(storage, settings, Backend(BackendSettings(url=None), Redactor([])),
+                                  on_stored=stored.append)
+    good = tmp_path / "last.pt"
+    torch.save({"epoch": 3, "model": None}, good)
+    uploader.submit({"last.pt": good}, 4)
+    assert uploader.wait(30) and stored == [4]
+    half = tmp_path / "half" / "last.pt"
+    half.parent.mkdir()
+    half.write_bytes(good.read_bytes()[: good.stat().st_size // 2])  # cut off while being written
+    uploader.submit({"last.pt": half}, 5)
+    assert uploader.wait(30) and stored == [4]  # epoch 5 is not reported as stored
+    target = tmp_path / "store" / "vision-platform" / "checkpoints" / "job-ddp1" / "last.pt"
+    assert target.read_bytes() == good.read_bytes()

@@ -96,3 +96,27 @@ def test_local_storage_keeps_the_same_layout(tmp_path):
     assert [loc.key for loc, _ in storage.list(storage.locate("checkpoints/"))] == ["checkpoints/job-1/best.pt"]
     with pytest.raises(StorageNotFound):
         storage.download(storage.locate("nope"), tmp_path / "n")
+
+
+def test_a_stop_at_a_transfers_safe_point_ends_it_as_a_stop_not_a_storage_failure(s3_server, bucket, tmp_path):
+    """SIGTERM only sets a flag; transfers check it in boto3's progress callback. The stop must come out
+    as itself (exit 143), not wrapped as a retryable network error or a transient storage failure."""
+    from utils import Cancelled
+
+    src = tmp_path / "big.bin"
+    src.write_bytes(b"x" * (9 * 1024 * 1024))  # several chunks, so the callback runs mid-transfer
+    plain = Storage(StorageSettings("minio", bucket, s3_server, ACCESS_KEY, SECRET_KEY, "us-east-1"))
+    plain.upload(src, plain.locate("big.bin"))
+    calls = []
+
+    def stop_requested() -> None:
+        calls.append(1)
+        raise Cancelled("received SIGTERM")
+
+    storage = Storage(StorageSettings("minio", bucket, s3_server, ACCESS_KEY, SECRET_KEY, "us-east-1"),
+                      interrupt=stop_requested)
+    with pytest.raises(Cancelled):
+        storage.download(storage.locate("big.bin"), tmp_path / "out" / "big.bin")
+    with pytest.raises(Cancelled):
+        storage.upload(src, storage.locate("again.bin"))
+    assert calls and not list((tmp_path / "out").glob("*"))  # no partial file left behind
