@@ -13,6 +13,8 @@ import subprocess
 import sys
 import uuid
 
+import torch
+
 from tests.conftest import AUTH_TOKEN, ROOT
 
 
@@ -35,7 +37,7 @@ def test_callbacks_survive_the_ddp_relaunch_and_only_rank_0_reports(receiver, tm
     run_id = run_sim("parent", str(payload), env=env).stdout.strip().splitlines()[-1]
     last = tmp_path / "weights" / "last.pt"
     last.parent.mkdir()
-    last.write_bytes(b"checkpoint bytes of epoch 1")
+    torch.save({"epoch": 0, "model": None}, last)  # a real (zip) checkpoint file: damaged ones are not uploaded
 
     run_sim("worker", str(payload), str(last), env={**env, "RANK": "1", "LOCAL_RANK": "1"})
     assert receiver.requests() == []  # rank 1 sends nothing, uploads nothing, logs nothing to MLflow
