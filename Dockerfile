@@ -12,7 +12,7 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY utils.py train.py predict.py ./
+COPY utils.py cache.py train.py predict.py ./
 
 # Run as an unprivileged user; /work holds datasets, weights and run outputs (mount a volume there).
 RUN useradd --create-home --uid 10001 trainer && mkdir -p /work && chown trainer /work

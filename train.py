@@ -34,6 +34,7 @@ from typing import Callable
 
 from dotenv import load_dotenv
 
+import cache
 from utils import (
     EXIT_BAD_INPUT,
     EXIT_CANCELLED,
@@ -613,15 +614,17 @@ def download_dataset(storage: Storage, settings: Settings) -> tuple[Path, Path]:
             raise BadInput(f"dataset {storage.uri(loc)} is {info.size} bytes, more than DATASET_MAX_BYTES="
                            f"{settings.dataset_max_bytes}")
         folder = _cache_dir(settings, loc.key, info.etag)
-        if folder.is_dir():
-            LOGGER.info("dataset %s already extracted at %s", storage.uri(loc), folder)
-        else:
-            archive = settings.work_dir / "downloads" / (folder.name + archive_kind(loc.key))
+
+        def fill() -> None:
+            archive = cache.download_dir(settings) / (folder.name + archive_kind(loc.key))
             storage.download(loc, archive, info)
             try:
                 _extract_into(archive, folder, settings)
             finally:
                 archive.unlink(missing_ok=True)
+
+        if not cache.provide(settings, folder, fill, info.size):
+            LOGGER.info("dataset %s already extracted at %s", storage.uri(loc), folder)
     root = find_dataset_root(folder)
     if not any((root / n).is_file() for n in ("data.yaml", "data.yml")):
         LOGGER.info("dataset at %s is a classification folder (train/, val/)", root)
@@ -643,19 +646,21 @@ def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> 
                        f"DATASET_MAX_FILES={settings.dataset_max_files} or DATASET_MAX_BYTES={settings.dataset_max_bytes}")
     listing = "\n".join(f"{loc.key} {info.etag} {info.size}" for loc, info in objects)
     folder = _cache_dir(settings, prefix.key.rstrip("/") or prefix.bucket, hashlib.sha256(listing.encode()).hexdigest())
-    if folder.is_dir():
-        LOGGER.info("dataset %s already downloaded at %s", storage.uri(prefix), folder)
-        return folder
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    LOGGER.info("downloading %d objects (%s) under %s", len(objects), human_size(total), storage.uri(prefix))
-    try:
-        targets = [(loc, info, safe_target(tmp.resolve(), loc.key[len(prefix.key):])) for loc, info in objects]
-        with ThreadPoolExecutor(8) as pool:
-            list(pool.map(lambda t: storage.download(t[0], t[2], t[1], quiet=True), targets))
-        os.replace(tmp, folder)
-    finally:
+
+    def fill() -> None:
+        tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
+        LOGGER.info("downloading %d objects (%s) under %s", len(objects), human_size(total), storage.uri(prefix))
+        try:
+            targets = [(loc, info, safe_target(tmp.resolve(), loc.key[len(prefix.key):])) for loc, info in objects]
+            with ThreadPoolExecutor(8) as pool:
+                list(pool.map(lambda t: storage.download(t[0], t[2], t[1], quiet=True), targets))
+            os.replace(tmp, folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    if not cache.provide(settings, folder, fill, total):
+        LOGGER.info("dataset %s already downloaded at %s", storage.uri(prefix), folder)
     return folder
 
 
@@ -667,13 +672,15 @@ def _cache_dir(settings: Settings, name: str, version: str) -> Path:
 
 def _extract_cached(archive: Path, settings: Settings, version: str) -> Path:
     folder = _cache_dir(settings, str(archive.resolve()), version)
-    if not folder.is_dir():
-        _extract_into(archive, folder, settings)
+    cache.provide(settings, folder, lambda: _extract_into(archive, folder, settings), archive.stat().st_size)
     return folder
 
 
 def _extract_into(archive: Path, folder: Path, settings: Settings) -> None:
-    """Extract next to folder, then rename: a half-extracted dataset never looks complete."""
+    """Extract next to folder, then rename: a half-extracted dataset never looks complete.
+
+    Called under the entry's fill lock (cache.provide), so no other job extracts the same folder.
+    """
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -769,32 +776,33 @@ def fetch_pretrained(storage: Storage, settings: Settings, name: str) -> Path:
     """Pretrained weights by name: storage `models/{name}.pt`, then the local cache, then the internet."""
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", name):
         raise BadInput(f"MODEL_NAME={name!r} is not a model name, a .yaml config, or a .pt checkpoint")
-    cache = settings.work_dir / "weights" / f"{name}.pt"
+    cached = settings.work_dir / "weights" / f"{name}.pt"
     loc = storage.locate(f"{settings.pretrained_prefix}{name}.pt")
-    try:
-        return storage.fetch(loc, cache)
-    except StorageNotFound:
-        pass
-    except TransientError:
-        if not cache.is_file():
-            raise
-        LOGGER.warning("storage unreachable; using cached %s", cache)
-        return cache
-    if cache.is_file():
-        LOGGER.info("using local weights %s (not in %s)", cache, storage.uri(loc))
-        return cache
-    if settings.weights_download:
-        LOGGER.info("%s.pt is not in storage or the cache; trying Ultralytics' download", name)
+    with cache.refreshing(settings, cached):  # held for the job; one job at a time downloads it
         try:
-            from ultralytics.utils.downloads import attempt_download_asset
+            return storage.fetch(loc, cached)
+        except StorageNotFound:
+            pass
+        except TransientError:
+            if not cached.is_file():
+                raise
+            LOGGER.warning("storage unreachable; using cached %s", cached)
+            return cached
+        if cached.is_file():
+            LOGGER.info("using local weights %s (not in %s)", cached, storage.uri(loc))
+            return cached
+        if settings.weights_download:
+            LOGGER.info("%s.pt is not in storage or the cache; trying Ultralytics' download", name)
+            try:
+                from ultralytics.utils.downloads import attempt_download_asset
 
-            attempt_download_asset(cache)
-        except Exception as e:
-            LOGGER.warning("download of %s.pt failed: %s", name, e)
-        if cache.is_file():
-            return cache
+                attempt_download_asset(cached)
+            except Exception as e:
+                LOGGER.warning("download of %s.pt failed: %s", name, e)
+            if cached.is_file():
+                return cached
     raise BadInput(
-        f"pretrained weights {name}.pt not found: not in {storage.uri(loc)}, not in {cache}"
+        f"pretrained weights {name}.pt not found: not in {storage.uri(loc)}, not in {cached}"
         + (", and the internet download failed" if settings.weights_download else ", and WEIGHTS_DOWNLOAD is off")
         + f". Upload them once to {storage.uri(loc)} (see README, 'Pretrained weights').")
 
@@ -1023,6 +1031,7 @@ def main() -> int:
         backend.close(flush)
     if storage is not None:  # a courtesy copy: bounded by what is left of a stop's deadline
         within(stop.remaining(0.5, default=60.0), upload_event_log, storage, settings, event_log)
+    cache.remove_job_files(settings)  # last: everything job-local is in storage or no longer needed
     return code
 
 

@@ -92,6 +92,8 @@ ENV_VARS: dict[str, str] = {
     "WORKERS": "",
     "TRAIN_ARGS": "{}",
     "WORK_DIR": "",
+    "CACHE_MAX_BYTES": "50000000000",
+    "KEEP_JOB_FILES": "false",
     "RESUME": "auto",
     "CHECKPOINT_INTERVAL": "1",
     "SHUTDOWN_TIMEOUT": "20",
@@ -304,6 +306,8 @@ class Settings:
     workers: int | None  # None = from the CPUs available to the process
     train_args: dict
     work_dir: Path
+    cache_max_bytes: int  # cap on WORK_DIR/datasets + WORK_DIR/weights, least recently used evicted; 0 = no cap
+    keep_job_files: bool  # keep WORK_DIR/jobs/job-{JOB_ID} and this job's downloads after it ends
     resume: bool
     checkpoint_interval: int  # upload last.pt every N epochs during training
     shutdown_timeout: float  # seconds from a stop request to exit: below the pod's grace period
@@ -501,6 +505,8 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         workers=workers,
         train_args=train_args,
         work_dir=work_dir,
+        cache_max_bytes=env.number("CACHE_MAX_BYTES", int, 0, 10**16, "a number of bytes >= 0 (0 = no cap)"),
+        keep_job_files=env.flag("KEEP_JOB_FILES"),
         resume=resume_raw in ("auto", "true", "1", "yes"),
         checkpoint_interval=env.number("CHECKPOINT_INTERVAL", int, 1, 10_000, "an integer >= 1"),
         shutdown_timeout=env.number("SHUTDOWN_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"),

@@ -276,7 +276,7 @@ def test_flaky_storage_503s_and_dropped_connections_do_not_fail_the_job(world, r
                               "--record", str(faults), "--seed", "3")
     try:
         receiver = receiver_factory()
-        env = job_env(world, receiver, tmp_path, MINIO_ENDPOINT=url)
+        env = job_env(world, receiver, tmp_path, MINIO_ENDPOINT=url, KEEP_JOB_FILES="true")  # compared below
         result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
     finally:
         with_group(proxy, signal.SIGTERM)
