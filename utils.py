@@ -1535,23 +1535,29 @@ def dataset_task(data: Path) -> tuple[str | None, str]:
 
 
 class DatasetReport:
-    """Problems found in a dataset: a few examples with file and line, then a count."""
+    """Problems found in a dataset: the first SHOWN with file and line, then a count.
+
+    Only the shown ones are kept: one broken label file of millions of lines must not hold
+    millions of messages in memory.
+    """
 
     SHOWN = 10
 
     def __init__(self):
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # the first SHOWN problems
+        self.count = 0  # every problem found
 
     def add(self, where: str, what: str) -> None:
-        self.problems.append(f"{where}: {what}")
+        self.count += 1
+        if len(self.problems) < self.SHOWN:
+            self.problems.append(f"{where}: {what}")
 
     def __bool__(self) -> bool:
-        return bool(self.problems)
+        return self.count > 0
 
     def text(self) -> str:
-        shown = self.problems[: self.SHOWN]
-        more = len(self.problems) - len(shown)
-        return (f"dataset check found {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown)
+        more = self.count - len(self.problems)
+        return (f"dataset check found {self.count} problem(s):\n  - " + "\n  - ".join(self.problems)
                 + (f"\n  - ... and {more} more" if more else ""))
 
 
@@ -1619,20 +1625,41 @@ def _label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
+# A label line longer than this is refused unread (a polygon of 20,000 points is about 400 KB).
+MAX_LABEL_LINE = 1 << 20
+
+
+def label_lines(label: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of a label file, read line by line so memory stays flat whatever its
+    size; the text is None for a line longer than MAX_LABEL_LINE characters, which is skipped.
+
+    Raises:
+        UnicodeDecodeError: the file is not UTF-8 text.
+    """
+    with label.open(encoding="utf-8", newline=None) as f:
+        number = 0
+        while line := f.readline(MAX_LABEL_LINE + 1):
+            number += 1
+            if len(line) > MAX_LABEL_LINE and not line.endswith("\n"):
+                while (rest := f.readline(1 << 16)) and not rest.endswith("\n"):
+                    pass  # skip to the end of the overlong line, a chunk at a time
+                yield number, None
+            else:
+                yield number, line
+
+
 def _check_label_file(label: Path, task: str | None, classes: int, kpt: list | None, report: DatasetReport) -> None:
     where = "/".join(label.parts[-3:])
     try:
-        lines = label.read_text(encoding="utf-8").splitlines()
+        for number, line in label_lines(label):
+            if line is None:
+                report.add(f"{where} line {number}", f"is longer than {MAX_LABEL_LINE} characters")
+            elif line.strip():
+                problem = _label_problem(line.split(), task, classes, kpt)
+                if problem:
+                    report.add(f"{where} line {number}", problem)
     except UnicodeDecodeError:
         report.add(where, "is not a text file")
-        return
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        values = line.split()
-        problem = _label_problem(values, task, classes, kpt)
-        if problem:
-            report.add(f"{where} line {number}", problem)
 
 
 def _label_problem(values: list[str], task: str | None, classes: int, kpt: list | None) -> str | None:

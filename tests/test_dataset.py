@@ -184,6 +184,41 @@ def test_report_shows_ten_examples_then_a_count():
     assert text.endswith("... and 15 more")
 
 
+def test_report_memory_stays_bounded_however_many_problems():
+    from utils import DatasetReport
+
+    report = DatasetReport()
+    for i in range(2_000_000):
+        report.add(f"labels/big.txt line {i + 1}", "class 9 is out of range")
+    assert len(report.problems) == DatasetReport.SHOWN and report.count == 2_000_000
+    assert report.text().startswith("dataset check found 2000000 problem(s):")
+    assert report.text().endswith("... and 1999990 more")
+
+
+def test_label_file_is_read_line_by_line_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from utils import MAX_LABEL_LINE, DatasetReport, _check_label_file
+
+    label = tmp_path / "labels" / "train" / "big.txt"
+    label.parent.mkdir(parents=True)
+    with label.open("w") as f:
+        f.write("0 " + "0.5 " * MAX_LABEL_LINE + "\n")  # one line of 4 MB
+        for _ in range(100_000):  # 1.8 MB of lines, each with a class out of range
+            f.write("9 0.5 0.5 0.1 0.1\n")
+    report = DatasetReport()
+    tracemalloc.start()
+    try:
+        _check_label_file(label, "detect", 2, None, report)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.count == 100_001
+    assert report.problems[0] == f"labels/train/big.txt line 1: is longer than {MAX_LABEL_LINE} characters"
+    assert report.problems[1].startswith("labels/train/big.txt line 2: class 9 is out of range")
+    assert peak < 3 * 2**20, f"checking a 6 MB label file took {peak / 2**20:.1f} MB"
+
+
 def test_dataset_with_only_train_gets_a_deterministic_validation_split(tmp_path):
     folder = make_dataset(tmp_path / "ds", "detect", n_train=20, n_val=1)
     (folder / "data.yaml").write_text("train: images/train\nnames: [a, b]\n")
