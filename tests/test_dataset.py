@@ -135,11 +135,31 @@ def test_caps_refuse_before_anything_is_written(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(20):
             zf.writestr(f"f{i}.txt", "x" * 100)
-    with pytest.raises(BadInput, match="holds 20 files, more than DATASET_MAX_FILES=10"):
+    with pytest.raises(BadInput, match=r"holds 20 entries \(files and folders\), more than DATASET_MAX_FILES=10"):
         extract_archive(archive, tmp_path / "a", max_files=10)
     with pytest.raises(BadInput, match="expands to 2.0 KB, more than DATASET_MAX_BYTES=1000"):
         extract_archive(archive, tmp_path / "b", max_bytes=1000)
     assert not list((tmp_path / "a").glob("*")) and not list((tmp_path / "b").glob("*"))
+
+
+def test_folders_count_against_the_file_cap_before_anything_is_written(tmp_path):
+    archive = tmp_path / "folders.tar"
+    with tarfile.open(archive, "w") as tf:
+        for i in range(3000):
+            info = tarfile.TarInfo(f"d{i:04d}")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+    with pytest.raises(BadInput, match="folders.tar holds more than DATASET_MAX_FILES=10 entries"):
+        extract_archive(archive, tmp_path / "x", max_files=10)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_an_entry_that_cannot_be_written_is_bad_input_naming_it(tmp_path):
+    archive = tmp_path / "dot.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(".", b"a file where the extraction folder itself is")
+    with pytest.raises(BadInput, match="dot.zip: entry '.' cannot be extracted: Is a directory"):
+        extract_archive(archive, tmp_path / "x")
 
 
 @pytest.mark.parametrize("task,line,problem", [

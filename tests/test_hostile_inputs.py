@@ -50,7 +50,7 @@ def zip_entries(entries: dict[str, bytes], symlinks: dict[str, str] | None = Non
 
 
 def tar_entries(members: list[tuple[str, str, object]], mode: str = "w", name: str = "ds.tar") -> Callable[[Path], Path]:
-    """members: (name, kind, payload) with kind file/symlink/hardlink/chardev."""
+    """members: (name, kind, payload) with kind file/dir/symlink/hardlink/chardev."""
     def build(folder: Path) -> Path:
         path = folder / name
         with tarfile.open(path, mode) as tf:
@@ -60,9 +60,31 @@ def tar_entries(members: list[tuple[str, str, object]], mode: str = "w", name: s
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))
                     continue
-                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE}[kind]
+                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE,
+                             "dir": tarfile.DIRTYPE}[kind]
                 info.linkname = payload or ""
                 tf.addfile(info)
+        return path
+    return build
+
+
+def zip_flagged(method: int | None = None, flags: int | None = None) -> Callable[[Path], Path]:
+    """A one-entry zip whose headers (local and central) say another compression method or flags:
+    what Windows Explorer writes for Deflate64 (method 9), or an encrypted entry (flag bit 0)."""
+    def build(folder: Path) -> Path:
+        import struct
+
+        path = folder / "ds.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("images/train/x.jpg", b"not really compressed" * 10)
+        data = bytearray(path.read_bytes())
+        for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # method follows flags
+            at = data.index(signature)
+            if flags is not None:
+                struct.pack_into("<H", data, at + flags_at, flags)
+            if method is not None:
+                struct.pack_into("<H", data, at + flags_at + 2, method)
+        path.write_bytes(bytes(data))
         return path
     return build
 
@@ -159,8 +181,17 @@ CASES = [
          tar_entries([("../../outside/evil.txt", "file", b"pwned")], mode="w:gz", name="ds.tar.gz"), escape="evil.txt"),
     Case("zip-bomb", r"expands to 200\.0 MB, more than DATASET_MAX_BYTES=10000000", zip_bomb,
          env={"DATASET_MAX_BYTES": "10000000"}),
-    Case("too-many-files", r"holds 300 files, more than DATASET_MAX_FILES=100", many_files,
+    Case("too-many-files", r"holds 300 entries \(files and folders\), more than DATASET_MAX_FILES=100", many_files,
          env={"DATASET_MAX_FILES": "100"}),
+    Case("tar-of-3000-folders-over-the-file-cap", r"holds more than DATASET_MAX_FILES=10 entries \(files and folders\)",
+         tar_entries([(f"d{i:04d}", "dir", None) for i in range(3000)]), env={"DATASET_MAX_FILES": "10"}),
+    Case("tar-file-then-folder-of-the-same-name", r"ds\.zip-\w+\.zip: entry 'a' is a file, but other entries use it as a folder",
+         tar_entries([("a", "file", b"x"), ("a/b", "file", b"y")])),
+    Case("zip-deflate64", r"ds\.zip-\w+\.zip: entry 'images/train/x\.jpg' is compressed with Deflate64, which cannot be read",
+         zip_flagged(method=9)),
+    Case("zip-encrypted-entry", r"ds\.zip-\w+\.zip: entry 'images/train/x\.jpg' is encrypted", zip_flagged(flags=0x1)),
+    Case("name-over-255-bytes", r"ds\.zip-\w+\.zip: entry 'images/x+'\.\.\. \(311 characters\) has a name part of 304 bytes",
+         zip_entries({"images/" + "x" * 300 + ".jpg": b"x"})),
     Case("truncated-zip", r"corrupt or truncated|not a zip or tar archive", truncated),
     Case("corrupt-tar-gz", r"corrupt or truncated|not a zip or tar archive", raw(b"\x1f\x8b\x08\x00" + b"garbage" * 100)),
     Case("not-an-archive", r"is not a zip or tar archive", raw(b"hello, not an archive")),
