@@ -86,6 +86,50 @@ def test_unreachable_storage_is_transient(tmp_path):
     assert SECRET_KEY not in str(info.value)
 
 
+@pytest.fixture
+def skewed_s3():
+    """An S3 stand-in for a node whose clock is an hour slow: every request is refused with S3's
+    RequestTimeTooSkewed (403), and the Date header carries the server's time, an hour ahead."""
+    import threading
+    import time
+    from email.utils import formatdate
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>RequestTimeTooSkewed</Code><Message>The '
+            b"difference between the request time and the current time is too large.</Message></Error>")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def date_time_string(self, timestamp=None):
+            return formatdate(time.time() + 3600, usegmt=True)
+
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _refuse
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_clock_skew_is_transient_and_names_the_node_clock(skewed_s3):
+    storage = Storage(StorageSettings("minio", "b", skewed_s3, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=1))
+    with pytest.raises(TransientError, match="RequestTimeTooSkewed: this node's clock is 60 minutes behind"):
+        storage.read_bytes(storage.locate("x.jpg"))  # a GET: the error code says it
+    with pytest.raises(TransientError, match="403: this node's clock is 60 minutes behind the storage server's"):
+        storage.head(storage.locate("x.jpg"))  # a HEAD has no error body: the server's Date says it
+
+
 def test_local_storage_keeps_the_same_layout(tmp_path):
     storage = Storage(StorageSettings("local", "vision-platform", local_dir=tmp_path / "store"))
     (tmp_path / "f.pt").write_bytes(b"data")
