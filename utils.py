@@ -631,6 +631,8 @@ class Location:
 class ObjectInfo:
     size: int
     etag: str
+    digest: tuple[str, str] | None = None  # (algorithm, value) a transfer is verified against; None: size only
+    listed: bool = False  # from a listing, which says nothing of encryption: the object's HEAD has the last word
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
@@ -683,6 +685,7 @@ class Storage:
         self.bucket = settings.bucket
         self._s3 = None if settings.type == "local" else self._client(settings)
         self._buckets_seen: set[str] = set()
+        self._etags_not_md5 = False  # learnt from a store whose MD5-looking ETags are not MD5s (see _mismatch)
 
     @staticmethod
     def _client(s: StorageSettings):
@@ -739,11 +742,13 @@ class Storage:
             return ObjectInfo(st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
         try:
             with self._errors("look up", loc):
-                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key)
+                # ChecksumMode: the full-object checksum the store keeps, if it keeps one
+                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key, ChecksumMode="ENABLED")
         except StorageNotFound:
             self._check_bucket(loc)  # a HEAD cannot tell a missing object from a missing bucket
             return None
-        return ObjectInfo(meta["ContentLength"], meta.get("ETag", "").strip('"'))
+        etag = meta.get("ETag", "").strip('"')
+        return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
 
     def _check_bucket(self, loc: Location) -> None:
         if loc.bucket in self._buckets_seen:
@@ -756,11 +761,13 @@ class Storage:
         self._buckets_seen.add(loc.bucket)
 
     def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False) -> Path:
-        """Download to dest atomically: a .part file, renamed once its size and MD5 are verified.
+        """Download to dest atomically: a .part file, renamed once its size and digest are verified.
 
-        The MD5 check applies where the ETag is a plain MD5 (single-part uploads). If a second
-        download gives the same bytes and the same mismatch, the store's ETags are not MD5s
-        (some encrypt or compute them otherwise): the size check then stands alone.
+        The digest is the store's full-object checksum (SHA-256, SHA-1, CRC32) where it keeps one,
+        else the ETag where that is the content's MD5 (a plain single-part ETag of an object without
+        KMS or customer-key encryption), else there is none and the size check stands alone: an
+        object whose ETag cannot be an MD5 is transferred once. A mismatch downloads again, a
+        second one fails as transient. See _mismatch for a store whose ETags only look like MD5s.
         """
         info = info or self.head(loc)
         if info is None:
@@ -780,21 +787,40 @@ class Storage:
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
-                digest = file_md5(part) if _is_md5(info.etag) else None
-                if digest in (None, info.etag):
-                    break
-                if digest == previous:
-                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                problem, previous = self._mismatch(part, info, previous)
+                if problem and info.listed:  # a listing's ETag may be an encrypted object's: ask the object
+                    info = self.head(loc) or info
+                    problem, previous = self._mismatch(part, info, None)
+                if not problem:
                     break
                 if attempt == 2:
-                    raise TransientError(f"download of {self.uri(loc)} is corrupt: MD5 {digest} != ETag {info.etag}")
-                LOGGER.warning("download of %s does not match its ETag; downloading again", self.uri(loc))
-                previous = digest
+                    raise TransientError(f"download of {self.uri(loc)} is corrupt: {problem}")
+                LOGGER.warning("download of %s does not match (%s); downloading again", self.uri(loc), problem)
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
         log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
         return dest
+
+    def _mismatch(self, path: Path, info: ObjectInfo, previous: str | None) -> tuple[str | None, str | None]:
+        """(why path is not the object's content or None, the MD5 computed for the next call).
+
+        Some gateways give ETags that look like MD5s but are not, and say nothing of it: when two
+        transfers give the same bytes and the same mismatch, the ETag is no MD5, the size check
+        stands alone, and the store is remembered as such for the rest of the process.
+        """
+        if info.digest is None or (info.digest[0] == "md5" and self._etags_not_md5):
+            return None, None
+        algorithm, expected = info.digest
+        got = file_digest(path, algorithm)
+        if got == expected:
+            return None, None
+        if algorithm == "md5" and got == previous:
+            self._etags_not_md5 = True
+            LOGGER.warning("two transfers gave the same bytes and the same mismatch: this store's ETags are not "
+                           "MD5s of the content; verifying sizes only from now on")
+            return None, None
+        return f"{algorithm} {got} != {expected}", got
 
     def fetch(self, loc: Location, dest: Path) -> Path:
         """Download unless dest already holds this exact object (same ETag), e.g. after a restart."""
@@ -819,20 +845,19 @@ class Storage:
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
         if self._s3 is None:
             return self._write_local(loc, lambda part: shutil.copyfile(path, part))
+        previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
                 self._s3.upload_file(str(path), loc.bucket, loc.key)
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
-            elif _is_md5(stored.etag) and stored.etag != file_md5(path):
-                problem = f"upload of {path.name} to {self.uri(loc)} does not match its MD5"
             else:
-                return self.uri(loc)
-            if attempt == 2:
-                if stored is not None and stored.size == size:  # twice the same: the store's ETag is no MD5
-                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                mismatch, previous = self._mismatch(path, stored, previous)
+                if not mismatch:
                     return self.uri(loc)
+                problem = f"upload of {path.name} to {self.uri(loc)} does not match ({mismatch})"
+            if attempt == 2:
                 raise TransientError(problem)
             LOGGER.warning("%s; uploading again", problem)
         return self.uri(loc)
@@ -879,7 +904,8 @@ class Storage:
         with self._errors("list", prefix):
             for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
                 for obj in page.get("Contents", []):
-                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], obj.get("ETag", "").strip('"'))
+                    etag = obj.get("ETag", "").strip('"')
+                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, _etag_digest(etag), True)
 
     @contextlib.contextmanager
     def _errors(self, action: str, loc: Location):
@@ -935,16 +961,44 @@ def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:
     return storage.fetch(loc, work_dir / "weights" / "files" / loc.bucket / loc.key)
 
 
-def _is_md5(etag: str) -> bool:
-    return bool(re.fullmatch(r"[0-9a-f]{32}", etag or ""))
+# Full-object checksums S3 keeps (base64) that Python computes without extra packages, best first.
+# CRC32C and CRC64NVME would need awscrt; a composite (per-part) checksum ends in -<parts>.
+_CHECKSUM_FIELDS = (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"))
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def _object_digest(meta: Mapping[str, Any], etag: str) -> tuple[str, str] | None:
+    """What a transfer of this object is verified against: a full-object checksum the store keeps,
+    else the ETag if it is the content's MD5, else None (size only)."""
+    if meta.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        for field, algorithm in _CHECKSUM_FIELDS:
+            value = meta.get(field)
+            if value and "-" not in value:
+                return algorithm, value
+    if str(meta.get("ServerSideEncryption", "")).startswith("aws:kms") or meta.get("SSECustomerAlgorithm"):
+        return None  # S3's ETag of a KMS or customer-key encrypted object is not the content's MD5
+    return _etag_digest(etag)
+
+
+def _etag_digest(etag: str) -> tuple[str, str] | None:
+    """("md5", etag) where the ETag can be an MD5 (32 hex digits; a multipart ETag has a '-')."""
+    return ("md5", etag) if re.fullmatch(r"[0-9a-f]{32}", etag or "") else None
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """A file's digest as S3 writes it: hex for md5 (the ETag), base64 for checksums."""
+    import base64
+
+    crc, digest = 0, None if algorithm == "crc32" else hashlib.new(algorithm, usedforsecurity=False)
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            if digest is None:
+                crc = zlib.crc32(chunk, crc)
+            else:
+                digest.update(chunk)
+    if algorithm == "md5":
+        return digest.hexdigest()
+    raw = crc.to_bytes(4, "big") if digest is None else digest.digest()
+    return base64.b64encode(raw).decode()
 
 
 # ----------------------------------------------------------------------------------------------
