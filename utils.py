@@ -890,7 +890,11 @@ class Storage:
         return self.uri(loc)
 
     def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
-        """Every object under a prefix, across as many listing pages as it takes."""
+        """Every object under a prefix, across as many listing pages as it takes.
+
+        Folder markers (keys ending in '/', which consoles' "create folder" writes) are not
+        objects to download: they are left out.
+        """
         if self._s3 is None:
             root = self._path(Location(prefix.bucket, ""))
             base = self._path(prefix)
@@ -904,6 +908,10 @@ class Storage:
         with self._errors("list", prefix):
             for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
                 for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        if obj.get("Size"):
+                            LOGGER.warning("skipping %s: a folder marker with content", obj["Key"])
+                        continue
                     etag = obj.get("ETag", "").strip('"')
                     yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, _etag_digest(etag), True)
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+import yaml
 
 from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, spawn_server, with_group
 from utils import BadInput, Location, ObjectInfo, Storage, StorageNotFound, StorageSettings, TransientError
@@ -57,6 +60,32 @@ def test_listing_follows_pagination_past_1000_keys(storage, s3):
         s3.put_object(Bucket=storage.bucket, Key=f"many/{i:05d}.jpg", Body=b"i")
     keys = [loc.key for loc, _ in storage.list(storage.locate("many/"))]
     assert len(keys) == 1005 and keys[0] == "many/00000.jpg" and keys[-1] == "many/01004.jpg"
+
+
+def test_listing_leaves_out_folder_markers(storage, s3):
+    for key in ("ds/", "ds/images/", "ds/images/a.jpg"):
+        s3.put_object(Bucket=storage.bucket, Key=key, Body=b"" if key.endswith("/") else b"jpg")
+    assert [loc.key for loc, _ in storage.list(storage.locate("ds/"))] == ["ds/images/a.jpg"]
+
+
+def test_prefix_dataset_with_folder_markers_is_downloaded_whole(storage, s3, s3_server, tmp_path):
+    import train
+    from tests.conftest import storage_env
+    from tests.sample_data import make_dataset
+    from utils import load_settings
+
+    root = make_dataset(tmp_path / "src", "detect", n_train=2, n_val=1)
+    for folder in ("", "images/", "images/train/", "labels/"):  # as a console's "create folder" writes them
+        s3.put_object(Bucket=storage.bucket, Key=f"datasets/marked/{folder}", Body=b"")
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), storage.bucket, f"datasets/marked/{f.relative_to(root).as_posix()}")
+    settings = load_settings({**storage_env(s3_server, storage.bucket), "JOB_ID": "m1", "DATASET_URI": "datasets/marked/",
+                              "WORK_DIR": str(tmp_path / "work")})
+    data_yaml = train.download_dataset(storage, settings)
+    folder = Path(yaml.safe_load(data_yaml.read_text())["path"])
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert got == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
 def test_s3_uri_with_another_bucket_is_honoured(storage):
