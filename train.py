@@ -583,16 +583,28 @@ COMPATIBLE_DATA = {"detect": {"detect", "segment"}, "segment": {"segment"}, "pos
 
 
 def resolve_task(settings: Settings, weights: str, data: Path) -> str:
-    """TASK_TYPE, else the model's task, else the dataset's; a mismatch is a bad-input error."""
+    """TASK_TYPE, else the model's task, else the dataset's; a mismatch is a bad-input error.
+
+    An explicit task (TASK_TYPE, or the model's) decides, and the dataset can only refuse a task
+    its labels cannot be: labels of 9 values fit both obb and segment, so they never contradict
+    either. The dataset's own vote decides only when nothing else does. An ambiguity is logged.
+    """
     model_task = checkpoint_task(weights) if weights.endswith(".pt") else infer_task(weights)
-    data_task, why = dataset_task(data)
-    task = settings.task or model_task or data_task or "detect"
     if settings.task and model_task and model_task != settings.task:
         raise BadInput(f"TASK_TYPE asks for {settings.task}, but MODEL_NAME={settings.model_name} is a {model_task} model")
-    if data_task and data_task not in COMPATIBLE_DATA[task]:
-        raise BadInput(f"the dataset is a {data_task} dataset ({why}), but this job trains a {task} model "
-                       f"(MODEL_NAME={settings.model_name}" + (f", TASK_TYPE={settings.task})" if settings.task else ")"))
-    LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any", data_task or "unknown")
+    shape = dataset_task(data)
+    task = settings.task or model_task or shape.task or "detect"
+    if shape.fits and not shape.fits & COMPATIBLE_DATA[task]:
+        raise BadInput(f"the dataset is a {' or '.join(sorted(shape.fits))} dataset ({shape.why}), but this job "
+                       f"trains a {task} model (MODEL_NAME={settings.model_name}"
+                       + (f", TASK_TYPE={settings.task})" if settings.task else ")"))
+    if shape.ambiguous:
+        decided_by = ("TASK_TYPE" if settings.task else f"MODEL_NAME={settings.model_name}" if model_task
+                      else "the vote of its label files")
+        LOGGER.warning("the dataset is ambiguous: %s (its own vote: %s); training %s as %s says (set TASK_TYPE "
+                       "to choose)", shape.why, shape.task, task, decided_by)
+    LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any",
+                " or ".join(sorted(shape.fits)) or "unknown")
     return task
 
 

@@ -1720,26 +1720,79 @@ def prepare_classification(root: Path, out: Path, fraction: float = 0.1) -> Path
     return out
 
 
-def dataset_task(data: Path) -> tuple[str | None, str]:
-    """The task a prepared dataset is for, and why: a classification folder, kpt_shape, or label lengths."""
+@dataclasses.dataclass(frozen=True)
+class DatasetShape:
+    """What a prepared dataset's layout and labels say about its task."""
+
+    fits: frozenset[str]  # every task its labels are valid for; empty: nothing to tell
+    task: str | None  # what the dataset alone suggests, used only when nothing explicit decides
+    why: str
+
+    @property
+    def ambiguous(self) -> bool:
+        return len(self.fits) > 1
+
+
+def dataset_task(data: Path) -> DatasetShape:
+    """The tasks a prepared dataset fits: a classification folder, kpt_shape, or a vote over its
+    train label files.
+
+    A label line of 9 values is both an oriented box and a 4-point polygon, so a dataset whose
+    labels all have 9 values fits obb and segment alike. Its vote then goes by shape: an oriented
+    box is a rotated rectangle, a parallelogram once normalised; a 4-point polygon drawn with a
+    polygon tool usually is not. Any longer polygon makes the dataset a segmentation dataset.
+    """
+    import collections
+
     import yaml
 
     if data.is_dir():
-        return "classify", "class folders without a data.yaml"
+        return DatasetShape(frozenset({"classify"}), "classify", "class folders without a data.yaml")
     cfg = yaml.safe_load(data.read_text(encoding="utf-8"))
     if cfg.get("kpt_shape"):
-        return "pose", "data.yaml has kpt_shape"
-    for image in _images_of(cfg.get("train"))[:50]:
-        label = _label_path(image)
-        lines = label.read_text(encoding="utf-8", errors="replace").split("\n") if label.is_file() else []
-        counts = {len(line.split()) for line in lines if line.strip()}
-        if 9 in counts and counts <= {9}:
-            return "obb", "its labels have 9 values (class and 4 corners)"
-        if any(n >= 7 and n % 2 for n in counts):
-            return "segment", "its labels are polygons"
-        if counts == {5}:
-            return "detect", "its labels are boxes (5 values)"
-    return None, "no labels to tell"
+        return DatasetShape(frozenset({"pose"}), "pose", "data.yaml has kpt_shape")
+    votes = collections.Counter(_label_file_shape(_label_path(image)) for image in _images_of(cfg.get("train")))
+    votes.pop(None, None)
+    quads = votes["rectangles"] + votes["quadrilaterals"]
+    if votes["polygons"]:
+        return DatasetShape(frozenset({"segment"}), "segment", "its labels are polygons")
+    if quads:
+        task = "segment" if votes["quadrilaterals"] > votes["rectangles"] else "obb"
+        return DatasetShape(frozenset({"obb", "segment"}), task,
+                            f"its labels have 9 values, which fit both oriented boxes and 4-point polygons; "
+                            f"{votes['rectangles']} of {quads} label files hold only rotated rectangles")
+    if votes["boxes"]:
+        return DatasetShape(frozenset({"detect"}), "detect", "its labels are boxes (5 values)")
+    return DatasetShape(frozenset(), None, "no labels to tell")
+
+
+def _label_file_shape(label: Path) -> str | None:
+    """One label file's vote: boxes, polygons, rectangles (9 values, all parallelograms),
+    quadrilaterals (9 values, some not parallelograms), or None (no file, no labels, not text)."""
+    counts: set[int] = set()
+    skewed = False
+    try:
+        for _, line in label_lines(label) if label.is_file() else ():
+            values = line.split() if line else []
+            counts.add(len(values))
+            if len(values) == 9 and not skewed:
+                skewed = not _is_parallelogram(values[1:])
+    except UnicodeDecodeError:
+        return None
+    if any(n >= 7 and n % 2 and n != 9 for n in counts):
+        return "polygons"
+    if 9 in counts:
+        return "quadrilaterals" if skewed else "rectangles"
+    return "boxes" if 5 in counts else None
+
+
+def _is_parallelogram(coords: list[str], tolerance: float = 0.01) -> bool:
+    """Whether 4 corners (x1 y1 ... x4 y4, in order) form a parallelogram: the diagonals share a midpoint."""
+    try:
+        x1, y1, x2, y2, x3, y3, x4, y4 = (float(v) for v in coords)
+    except ValueError:
+        return True  # not numbers: the dataset check says so; no vote either way
+    return abs(x1 + x3 - x2 - x4) <= tolerance and abs(y1 + y3 - y2 - y4) <= tolerance
 
 
 # -- dataset check ---------------------------------------------------------------------------

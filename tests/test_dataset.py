@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 import zipfile
@@ -289,4 +290,74 @@ def test_dataset_task_is_recognised(task, tmp_path):
 
     root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
     data = root if task == "classify" else resolve_data_yaml(root, tmp_path / "d.yaml")[0]
-    assert dataset_task(data)[0] == task
+    assert dataset_task(data).task == task
+
+
+RECTANGLE = "0 0.2 0.2 0.6 0.2 0.6 0.5 0.2 0.5"  # 9 values: an oriented box, or a 4-point polygon
+DIAMOND = "1 0.5 0.2 0.8 0.5 0.5 0.8 0.2 0.5"  # a rotated rectangle: still a parallelogram
+QUADRILATERAL = "0 0.1 0.1 0.7 0.15 0.9 0.8 0.15 0.6"  # a document in perspective: no oriented box
+POLYGON = "1 " + " ".join(f"{0.5 + 0.3 * math.cos(a * math.pi / 8):.4f} {0.5 + 0.3 * math.sin(a * math.pi / 8):.4f}"
+                          for a in range(16))
+BOX = "0 0.5 0.5 0.2 0.2"
+
+
+def labelled(folder: Path, *files: list[str]) -> Path:
+    """A prepared data.yaml (absolute paths) over train images whose label files hold these lines."""
+    for i, lines in enumerate(files):
+        for kind, suffix, content in (("images", "jpg", b"jpg"), ("labels", "txt", "\n".join(lines).encode())):
+            (folder / kind / "train").mkdir(parents=True, exist_ok=True)
+            (folder / kind / "train" / f"{i:03d}.{suffix}").write_bytes(content)
+    (folder / "data.yaml").write_text(f"train: {folder / 'images' / 'train'}\nval: {folder / 'images' / 'train'}\n"
+                                      "names: [a, b]\n")
+    return folder / "data.yaml"
+
+
+@pytest.mark.parametrize("lines,fits,vote", [
+    ([[RECTANGLE], [DIAMOND, RECTANGLE]], {"obb", "segment"}, "obb"),
+    ([[QUADRILATERAL], [QUADRILATERAL, RECTANGLE], [DIAMOND]], {"obb", "segment"}, "segment"),
+    ([[RECTANGLE], [RECTANGLE, POLYGON], [RECTANGLE]], {"segment"}, "segment"),  # 4-point and longer polygons
+    ([[BOX], [BOX, BOX]], {"detect"}, "detect"),
+])
+def test_dataset_task_votes_over_every_label_file(tmp_path, lines, fits, vote):
+    from utils import dataset_task
+
+    shape = dataset_task(labelled(tmp_path, *lines))
+    assert (set(shape.fits), shape.task) == (fits, vote)
+
+
+@pytest.mark.parametrize("task_type,model,lines,expected", [
+    ("instance_segmentation", "yolo11n-seg.yaml", [[RECTANGLE], [DIAMOND]], "segment"),  # explicit, and 9 values fit
+    ("oriented_detection", "yolo11n-obb.yaml", [[QUADRILATERAL]], "obb"),  # explicit wins over the dataset's vote
+    (None, "yolo11n-seg.yaml", [[RECTANGLE]], "segment"),  # the model's task is explicit too
+    (None, "yolo11n-seg.yaml", [[RECTANGLE], [POLYGON, RECTANGLE]], "segment"),
+    (None, "<unreadable.pt>", [[RECTANGLE], [DIAMOND]], "obb"),  # nothing explicit: the dataset's vote
+    (None, "<unreadable.pt>", [[QUADRILATERAL], [RECTANGLE, QUADRILATERAL]], "segment"),
+    (None, "yolo11n-pose.yaml", [[BOX]], "the dataset is a detect dataset"),  # a real contradiction
+    ("instance_segmentation", "yolo11n-seg.yaml", [[BOX]], "the dataset is a detect dataset"),
+])
+def test_task_resolution_explicit_settings_win_and_ambiguity_never_contradicts(tmp_path, caplog, task_type, model,
+                                                                               lines, expected):
+    import train
+    from utils import load_settings
+
+    if model == "<unreadable.pt>":
+        model = str(tmp_path / "unreadable.pt")
+        Path(model).write_bytes(b"a checkpoint whose task cannot be read")
+    settings = load_settings({"JOB_ID": "1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "MODEL_NAME": model,
+                              **({"TASK_TYPE": task_type} if task_type else {})})
+    data = labelled(tmp_path / "ds", *lines)
+    if expected.startswith("the dataset"):
+        with pytest.raises(BadInput, match=expected):
+            train.resolve_task(settings, model, data)
+        return
+    assert train.resolve_task(settings, model, data) == expected
+    if any(line[0] in (RECTANGLE, DIAMOND, QUADRILATERAL) for line in lines) and not any(POLYGON in f for f in lines):
+        assert "the dataset is ambiguous: its labels have 9 values, which fit both oriented boxes and 4-point " \
+               "polygons" in caplog.text
+
+
+def test_segment_labels_of_four_points_pass_the_check():
+    from utils import _label_problem
+
+    assert _label_problem(QUADRILATERAL.split(), "segment", classes=2, kpt=None) is None
+    assert _label_problem(RECTANGLE.split(), "obb", classes=2, kpt=None) is None
