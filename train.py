@@ -601,8 +601,9 @@ def resolve_task(settings: Settings, weights: str, data: Path) -> str:
     if shape.ambiguous:
         decided_by = ("TASK_TYPE" if settings.task else f"MODEL_NAME={settings.model_name}" if model_task
                       else "the vote of its label files")
-        LOGGER.warning("the dataset is ambiguous: %s (its own vote: %s); training %s as %s says (set TASK_TYPE "
-                       "to choose)", shape.why, shape.task, task, decided_by)
+        level = logging.INFO if settings.task else logging.WARNING  # TASK_TYPE settles it: nothing to warn about
+        LOGGER.log(level, "the dataset is ambiguous: %s (its own vote: %s); training %s as %s says%s", shape.why,
+                   shape.task, task, decided_by, "" if settings.task else " (set TASK_TYPE to choose)")
     LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any",
                 " or ".join(sorted(shape.fits)) or "unknown")
     return task

@@ -346,6 +346,7 @@ def test_task_resolution_explicit_settings_win_and_ambiguity_never_contradicts(t
     settings = load_settings({"JOB_ID": "1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "MODEL_NAME": model,
                               **({"TASK_TYPE": task_type} if task_type else {})})
     data = labelled(tmp_path / "ds", *lines)
+    caplog.set_level("INFO", logger="trainer")
     if expected.startswith("the dataset"):
         with pytest.raises(BadInput, match=expected):
             train.resolve_task(settings, model, data)
