@@ -82,7 +82,11 @@ class Tracker:
     """The job's MLflow run: one per job, found again by its `job_id` tag when the job restarts.
 
     Any tracking failure logs one warning and switches tracking off; it never fails training.
+    The run id is kept after that, so the run is still ended (FINISHED, FAILED, KILLED) rather
+    than left RUNNING forever.
     """
+
+    END_TIMEOUT = 10.0  # seconds to wait for ending the run once tracking has failed
 
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings
@@ -90,6 +94,7 @@ class Tracker:
         self._client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
 
     def __getstate__(self) -> dict:
@@ -117,7 +122,8 @@ class Tracker:
         try:
             s = self.settings
             experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
-            self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(s.mlflow_experiment)
+            self.experiment_id = (experiment.experiment_id if experiment else
+                                  self.client.create_experiment(s.mlflow_experiment, artifact_location(s)))
             runs = self.client.search_runs([self.experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
                                            order_by=["attributes.start_time DESC"])
             if runs:
@@ -131,6 +137,7 @@ class Tracker:
                 self.run_id = run.info.run_id
                 LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
                             self.redact(s.mlflow_tracking_uri))
+            self.active = True
         except Exception as e:
             self._off("start", e)
 
@@ -143,7 +150,7 @@ class Tracker:
 
     def log_params(self, params: dict) -> None:
         """Log parameters not logged before (MLflow refuses to change a logged value)."""
-        if not self.run_id:
+        if not self.active:
             return
         from mlflow.entities import Param
 
@@ -156,7 +163,7 @@ class Tracker:
             self._off("log parameters", e)
 
     def log_metrics(self, metrics: dict, step: int) -> None:
-        if not self.run_id:
+        if not self.active:
             return
         from mlflow.entities import Metric
 
@@ -168,7 +175,7 @@ class Tracker:
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
-            if not self.run_id:
+            if not self.active:
                 return
             try:
                 self.client.log_artifact(self.run_id, str(f), artifact_path)
@@ -176,17 +183,45 @@ class Tracker:
                 self._off(f"upload {f.name}", e)
 
     def finish(self, status: str) -> None:
+        """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
+        (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
         if not self.run_id:
             return
+        if self.active:
+            self._end(status)
+            return
+        worker = threading.Thread(target=self._end, args=(status,), name="mlflow-end", daemon=True)
+        worker.start()
+        worker.join(self.END_TIMEOUT)
+
+    def _end(self, status: str) -> None:
+        was_active = self.active
         try:
             self.client.set_terminated(self.run_id, status=status)
+            self.active = False
         except Exception as e:
-            self._off("end the run", e)
+            if was_active:
+                self._off("end the run", e)
+            else:
+                LOGGER.warning("MLflow: could not mark run %s %s either (%s)", self.run_id, status,
+                               self.redact(f"{type(e).__name__}: {e}")[:500])
 
     def _off(self, action: str, error: Exception) -> None:
+        """Stop tracking (the run id stays, to end the run)."""
         LOGGER.warning("MLflow: failed to %s (%s); tracking is off for the rest of this job", action,
                        self.redact(f"{type(error).__name__}: {error}")[:500])
-        self.run_id = None
+        self.active = False
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Where a new experiment keeps its artifacts: WORK_DIR/mlartifacts when the tracking URI is a
+    database the trainer writes to directly (MLflow's default there is ./mlruns in the working
+    directory, which is not writable in the image and not the job's folder); None lets a tracking
+    server decide."""
+    scheme = settings.mlflow_tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+        return (settings.work_dir / "mlartifacts").as_uri()
+    return None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -326,6 +326,53 @@ def test_dead_mlflow_server_does_not_fail_training(s3_server, s3, bucket, receiv
     assert "mlflow-pa55word" not in result.stderr + result.stdout  # URL credentials are masked too
 
 
+def test_without_a_tracking_uri_mlflow_writes_only_under_the_work_folder(s3_server, s3, bucket, receiver, dataset_zip,
+                                                                         tmp_path):
+    """The default local store: its artifacts go to WORK_DIR/mlartifacts, not to ./mlruns in a working
+    directory that is read-only in the image (as root, chmod does not stop writes: the check is that
+    nothing appears there)."""
+    from mlflow import MlflowClient
+
+    cwd = tmp_path / "app"
+    cwd.mkdir()
+    env = one_epoch_job(s3_server, s3, bucket, receiver, dataset_zip, tmp_path)
+    del env["MLFLOW_TRACKING_URI"]
+    cwd.chmod(0o555)
+    try:
+        result = run_entry("train.py", env, cwd=cwd, timeout=300)
+    finally:
+        cwd.chmod(0o755)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracking is off" not in result.stderr
+    assert list(cwd.iterdir()) == []
+    work = tmp_path / "work"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("project-default").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())
+    assert {"weights/best.pt", "weights/last.pt", "results.csv"} <= {
+        p.relative_to(work / "mlartifacts").as_posix().split("/", 2)[2] for p in (work / "mlartifacts").rglob("*")
+        if p.is_file()}
+
+
+def test_run_is_ended_after_a_tracking_failure_switched_tracking_off(tmp_path):
+    from mlflow import MlflowClient
+
+    from train import Tracker
+    from utils import Redactor, load_settings
+
+    settings = load_settings({"JOB_ID": "t1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path)})
+    tracker = Tracker(settings, Redactor([]))
+    tracker.start()
+    tracker.log_metrics({"mAP50": 0.5}, step=1)
+    tracker.log_metrics({"a/../b": 1.0}, step=2)  # MLflow refuses the name: tracking switches off
+    tracker.log_metrics({"mAP50": 0.6}, step=3)  # not sent any more
+    tracker.finish("FAILED")
+    run = MlflowClient(settings.mlflow_tracking_uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert [m.step for m in MlflowClient(settings.mlflow_tracking_uri).get_metric_history(run.info.run_id,
+                                                                                          "mAP50")] == [1]
+
+
 def test_docker_image_runs_as_a_non_root_user():
     from tests.conftest import ROOT
 
