@@ -12,6 +12,8 @@ Images are listed lazily (storage listings page by page), downloaded and decoded
 of threads ahead of the model, run in batches, and each result is written to a spool file at
 once, so memory stays flat however many images there are. The document is printed only
 when every image has been handled; on failure stdout stays empty and the exit code says why.
+An image that cannot be read or decoded is an error entry in the document; storage failing for
+10 images in a row, or for every image, is an outage that fails the run (exit 75).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +43,7 @@ from utils import (
     Storage,
     StorageNotFound,
     TrainerError,
+    TransientError,
     available_cpus,
     default_device,
     fetch_file,
@@ -105,29 +109,86 @@ def list_inputs(storage: Storage, settings: Settings) -> Iterator[InputImage]:
 
 
 def decode(item: InputImage):
-    """(image as a BGR array, None) or (None, why it could not be read)."""
+    """(image as a BGR array, None) or (None, why it could not be read).
+
+    Raises:
+        TransientError: storage failed to give the image after its client's retries (StorageWatch
+            decides whether that is one bad image or an outage).
+    """
     import cv2
     import numpy as np
 
-    data = item.read()
+    try:
+        data = item.read()
+    except StorageNotFound:
+        return None, "does not exist (deleted after it was listed?)"
+    except IsADirectoryError:
+        return None, "is a folder, not an image"
+    except OSError as e:  # a dangling link, no permission...
+        return None, f"cannot be read: {e.strerror or e}"
+    except BadInput as e:  # e.g. storage refused this one object
+        return None, str(e)
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
     if image is None:
         return None, "cannot decode the image (corrupt, empty or not an image format)"
     return image, None
 
 
-def load_ahead(inputs: Iterator[InputImage], workers: int, window: int):
+class StorageWatch:
+    """Tells one image storage could not give from a storage outage.
+
+    An image whose read still fails after the storage client's retries is reported as an error
+    entry. But OUTAGE failures in a row, or a run in which no image could be read at all, mean
+    storage is down: the run fails as transient (exit 75) instead of printing a document of errors.
+    """
+
+    OUTAGE = 10
+
+    def __init__(self):
+        self.read = self.in_a_row = 0
+        self.last: TransientError | None = None
+
+    def read_ok(self) -> None:
+        self.read += 1
+        self.in_a_row = 0
+
+    def read_failed(self, error: TransientError) -> str:
+        """The error entry's text; raises TransientError once failures look like an outage."""
+        self.in_a_row += 1
+        self.last = error
+        if self.in_a_row >= self.OUTAGE:
+            raise TransientError(f"storage is failing: the last {self.in_a_row} images could not be read ({error})")
+        return f"storage failed to give it: {error}"
+
+    def check(self) -> None:
+        """At the end of the run: no image read at all, and storage failed, is an outage."""
+        if self.last is not None and not self.read:
+            raise TransientError(f"no image could be read from storage: {self.last}")
+
+
+def load_ahead(inputs: Iterator[InputImage], workers: int, window: int, watch: StorageWatch):
     """Download and decode up to `window` images ahead of the consumer, in input order."""
-    with ThreadPoolExecutor(workers, thread_name_prefix="load") as pool:
-        pending: collections.deque = collections.deque()
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="load")
+    pending: collections.deque = collections.deque()
+
+    def take():
+        item, future = pending.popleft()
+        try:
+            image, error = future.result()
+        except TransientError as e:
+            return item, None, watch.read_failed(e)
+        watch.read_ok()
+        return item, image, error
+
+    try:
         for item in inputs:
             pending.append((item, pool.submit(decode, item)))
             if len(pending) >= window:
-                item, future = pending.popleft()
-                yield item, *future.result()
+                yield take()
         while pending:
-            item, future = pending.popleft()
-            yield item, *future.result()
+            yield take()
+    finally:  # on an outage, reads still queued are not waited for
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def batched(iterable, size: int):
@@ -144,9 +205,10 @@ def batched(iterable, size: int):
 def predict_batch(model, batch: list, settings: Settings, device: str):
     """Run one batch; yields (input, result or None, error or None) in input order."""
     arrays = [image for _, image, _ in batch if image is not None]
+    precision = {"quantize": 16} if device != "cpu" else {}  # half precision on a GPU ('half' is deprecated)
     results = iter(model.predict(arrays, stream=True, conf=settings.conf, iou=settings.iou, imgsz=settings.imgsz,
-                                 max_det=settings.max_det, device=device, half=device != "cpu",
-                                 batch=len(arrays), verbose=False) if arrays else ())
+                                 max_det=settings.max_det, device=device, batch=len(arrays), verbose=False,
+                                 **precision) if arrays else ())
     for item, image, error in batch:
         yield item, (next(results) if image is not None else None), error
 
@@ -242,13 +304,15 @@ def run_predictions(model, inputs: Iterator[InputImage], spool: Spool, settings:
     device = settings.device or default_device()
     workers = settings.workers if settings.workers else max(2, min(8, 2 * available_cpus()))
     started, reported = time.monotonic(), 0
-    for batch in batched(load_ahead(inputs, workers, 2 * settings.predict_batch), settings.predict_batch):
+    watch = StorageWatch()
+    for batch in batched(load_ahead(inputs, workers, 2 * settings.predict_batch, watch), settings.predict_batch):
         for item, result, error in predict_batch(model, batch, settings, device):
             spool.add(item, result, error)
         if spool.count - reported >= 500:
             reported = spool.count
             LOGGER.info("%d images done (%.1f images/s)", spool.count, spool.count / (time.monotonic() - started))
     spool.close()
+    watch.check()
     if spool.count == 0:
         raise BadInput(f"INPUT_URI={settings.input_uri}: no images found")
     LOGGER.info("%d images in %.1f s, %d unreadable", spool.count, time.monotonic() - started, spool.failed)
@@ -284,13 +348,15 @@ def main() -> int:
     json_out = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout, kept for the document
     os.dup2(2, 1)  # anything else that prints (Ultralytics, C libraries) lands on stderr
     sys.stdout = sys.stderr
+    folder = None  # this run's spool folder, removed on every way out
     try:
         settings = load_settings(os.environ, "predict")
         log_configuration(settings)
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         model = load_model(fetch_checkpoint(storage, settings), settings)
-        spool = Spool(settings.work_dir / "predict" / f"{os.getpid()}-{int(time.time())}", storage, settings)
+        folder = settings.work_dir / "predict" / f"{os.getpid()}-{time.time_ns()}"
+        spool = Spool(folder, storage, settings)
         run_predictions(model, list_inputs(storage, settings), spool, settings)
         extra = {"failed": spool.failed, "task": model.task}
         if settings.predict_output_uri:
@@ -302,9 +368,13 @@ def main() -> int:
     except Exception as e:
         LOGGER.error("prediction failed: %s", redact(f"{type(e).__name__}: {e}"), exc_info=True)
         return EXIT_ERROR
-    write_document(spool, json_out, extra)
-    json_out.flush()
-    return EXIT_OK
+    else:
+        write_document(spool, json_out, extra)
+        json_out.flush()
+        return EXIT_OK
+    finally:
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -89,7 +89,11 @@ class Tracker:
     """The job's MLflow run: one per job, found again by its `job_id` tag when the job restarts.
 
     Any tracking failure logs one warning and switches tracking off; it never fails training.
+    The run id is kept after that, so the run is still ended (FINISHED, FAILED, KILLED) rather
+    than left RUNNING forever.
     """
+
+    END_TIMEOUT = 10.0  # seconds to wait for ending the run once tracking has failed
 
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings
@@ -97,6 +101,7 @@ class Tracker:
         self._client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
+        self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
 
     def __getstate__(self) -> dict:
@@ -124,7 +129,8 @@ class Tracker:
         try:
             s = self.settings
             experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
-            self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(s.mlflow_experiment)
+            self.experiment_id = (experiment.experiment_id if experiment else
+                                  self.client.create_experiment(s.mlflow_experiment, artifact_location(s)))
             runs = self.client.search_runs([self.experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
                                            order_by=["attributes.start_time DESC"])
             if runs:
@@ -138,6 +144,7 @@ class Tracker:
                 self.run_id = run.info.run_id
                 LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
                             self.redact(s.mlflow_tracking_uri))
+            self.active = True
         except Exception as e:
             self._off("start", e)
 
@@ -156,7 +163,7 @@ class Tracker:
 
     def log_params(self, params: dict) -> None:
         """Log parameters not logged before (MLflow refuses to change a logged value)."""
-        if not self.run_id:
+        if not self.active:
             return
         from mlflow.entities import Param
 
@@ -171,7 +178,7 @@ class Tracker:
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
         the same numbers are there under the contract's names."""
-        if not self.run_id:
+        if not self.active:
             return
         from mlflow.entities import Metric
 
@@ -184,7 +191,7 @@ class Tracker:
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
-            if not self.run_id:
+            if not self.active:
                 return
             try:
                 self.client.log_artifact(self.run_id, str(f), artifact_path)
@@ -192,17 +199,45 @@ class Tracker:
                 self._off(f"upload {f.name}", e)
 
     def finish(self, status: str) -> None:
+        """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
+        (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
         if not self.run_id:
             return
+        if self.active:
+            self._end(status)
+            return
+        worker = threading.Thread(target=self._end, args=(status,), name="mlflow-end", daemon=True)
+        worker.start()
+        worker.join(self.END_TIMEOUT)
+
+    def _end(self, status: str) -> None:
+        was_active = self.active
         try:
             self.client.set_terminated(self.run_id, status=status)
+            self.active = False
         except Exception as e:
-            self._off("end the run", e)
+            if was_active:
+                self._off("end the run", e)
+            else:
+                LOGGER.warning("MLflow: could not mark run %s %s either (%s)", self.run_id, status,
+                               self.redact(f"{type(e).__name__}: {e}")[:500])
 
     def _off(self, action: str, error: Exception) -> None:
+        """Stop tracking (the run id stays, to end the run)."""
         LOGGER.warning("MLflow: failed to %s (%s); tracking is off for the rest of this job", action,
                        self.redact(f"{type(error).__name__}: {error}")[:500])
-        self.run_id = None
+        self.active = False
+
+
+def artifact_location(settings: Settings) -> str | None:
+    """Where a new experiment keeps its artifacts: WORK_DIR/mlartifacts when the tracking URI is a
+    database the trainer writes to directly (MLflow's default there is ./mlruns in the working
+    directory, which is not writable in the image and not the job's folder); None lets a tracking
+    server decide."""
+    scheme = settings.mlflow_tracking_uri.split(":", 1)[0].split("+", 1)[0].lower()
+    if scheme in ("sqlite", "postgresql", "mysql", "mssql"):
+        return (settings.work_dir / "mlartifacts").as_uri()
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -697,16 +732,29 @@ COMPATIBLE_DATA = {"detect": {"detect", "segment"}, "segment": {"segment"}, "pos
 
 
 def resolve_task(settings: Settings, weights: str, data: Path) -> str:
-    """TASK_TYPE, else the model's task, else the dataset's; a mismatch is a bad-input error."""
+    """TASK_TYPE, else the model's task, else the dataset's; a mismatch is a bad-input error.
+
+    An explicit task (TASK_TYPE, or the model's) decides, and the dataset can only refuse a task
+    its labels cannot be: labels of 9 values fit both obb and segment, so they never contradict
+    either. The dataset's own vote decides only when nothing else does. An ambiguity is logged.
+    """
     model_task = checkpoint_task(weights) if weights.endswith(".pt") else infer_task(weights)
-    data_task, why = dataset_task(data)
-    task = settings.task or model_task or data_task or "detect"
     if settings.task and model_task and model_task != settings.task:
         raise BadInput(f"TASK_TYPE asks for {settings.task}, but MODEL_NAME={settings.model_name} is a {model_task} model")
-    if data_task and data_task not in COMPATIBLE_DATA[task]:
-        raise BadInput(f"the dataset is a {data_task} dataset ({why}), but this job trains a {task} model "
-                       f"(MODEL_NAME={settings.model_name}" + (f", TASK_TYPE={settings.task})" if settings.task else ")"))
-    LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any", data_task or "unknown")
+    shape = dataset_task(data)
+    task = settings.task or model_task or shape.task or "detect"
+    if shape.fits and not shape.fits & COMPATIBLE_DATA[task]:
+        raise BadInput(f"the dataset is a {' or '.join(sorted(shape.fits))} dataset ({shape.why}), but this job "
+                       f"trains a {task} model (MODEL_NAME={settings.model_name}"
+                       + (f", TASK_TYPE={settings.task})" if settings.task else ")"))
+    if shape.ambiguous:
+        decided_by = ("TASK_TYPE" if settings.task else f"MODEL_NAME={settings.model_name}" if model_task
+                      else "the vote of its label files")
+        level = logging.INFO if settings.task else logging.WARNING  # TASK_TYPE settles it: nothing to warn about
+        LOGGER.log(level, "the dataset is ambiguous: %s (its own vote: %s); training %s as %s says%s", shape.why,
+                   shape.task, task, decided_by, "" if settings.task else " (set TASK_TYPE to choose)")
+    LOGGER.info("task: %s (model: %s, dataset: %s)", task, model_task or "any",
+                " or ".join(sorted(shape.fits)) or "unknown")
     return task
 
 
@@ -1067,6 +1115,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
              "last_checkpoint": uris.get("last.pt"), "final_metrics": reporter.final_metrics or reporter.last_metrics,
              "epochs_completed": reporter.epochs_completed,
              "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK}
+    final = {k: v for k, v in final.items() if v is not None}  # a field not known is left out, never null
     mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
     backend.status("completed", 100, **final)
     log_run_artifacts(tracker, trainer)  # while the final status goes out

@@ -644,11 +644,46 @@ class Location:
 class ObjectInfo:
     size: int
     etag: str
+    digest: tuple[str, str] | None = None  # (algorithm, value) a transfer is verified against; None: size only
+    listed: bool = False  # from a listing, which says nothing of encryption: the object's HEAD has the last word
 
 
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
 _REFUSED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
             "AllAccessDisabled", "InvalidBucketName", "401", "Unauthorized"}
+
+
+_CLOCK_SKEW = {"RequestTimeTooSkewed"}
+
+
+def _clock_skew(response: dict) -> float | None:
+    """Seconds the storage server's clock (its Date header) is ahead of this node's, when the gap is
+    past what S3 tolerates (15 minutes); None otherwise. A HEAD has no error body, so its plain 403
+    can only be told from refused credentials this way."""
+    from email.utils import parsedate_to_datetime
+
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        skew = (parsedate_to_datetime(date) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+    return skew if abs(skew) > 15 * 60 else None
+
+
+def _certificate_refused(error: BaseException) -> bool:
+    """True when a TLS error is a failed certificate verification (bad configuration), not a
+    handshake that was reset or cut short (transient). Looks through the wrapped errors."""
+    import ssl
+
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 10:
+        seen.append(error)
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return True
+        kwargs = getattr(error, "kwargs", None)  # botocore keeps the original error there
+        wrapped = kwargs.get("error") if isinstance(kwargs, dict) else None
+        error = wrapped if isinstance(wrapped, BaseException) else error.__cause__ or error.__context__
+    return False
 
 
 class StorageNotFound(BadInput):
@@ -664,6 +699,7 @@ class Storage:
         self.bucket = settings.bucket
         self._s3 = None if settings.type == "local" else self._client(settings)
         self._buckets_seen: set[str] = set()
+        self._etags_not_md5 = False  # learnt from a store whose MD5-looking ETags are not MD5s (see _mismatch)
 
     @staticmethod
     def _client(s: StorageSettings):
@@ -720,11 +756,13 @@ class Storage:
             return ObjectInfo(st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
         try:
             with self._errors("look up", loc):
-                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key)
+                # ChecksumMode: the full-object checksum the store keeps, if it keeps one
+                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key, ChecksumMode="ENABLED")
         except StorageNotFound:
             self._check_bucket(loc)  # a HEAD cannot tell a missing object from a missing bucket
             return None
-        return ObjectInfo(meta["ContentLength"], meta.get("ETag", "").strip('"'))
+        etag = meta.get("ETag", "").strip('"')
+        return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
 
     def _check_bucket(self, loc: Location) -> None:
         if loc.bucket in self._buckets_seen:
@@ -737,11 +775,13 @@ class Storage:
         self._buckets_seen.add(loc.bucket)
 
     def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False) -> Path:
-        """Download to dest atomically: a .part file, renamed once its size and MD5 are verified.
+        """Download to dest atomically: a .part file, renamed once its size and digest are verified.
 
-        The MD5 check applies where the ETag is a plain MD5 (single-part uploads). If a second
-        download gives the same bytes and the same mismatch, the store's ETags are not MD5s
-        (some encrypt or compute them otherwise): the size check then stands alone.
+        The digest is the store's full-object checksum (SHA-256, SHA-1, CRC32) where it keeps one,
+        else the ETag where that is the content's MD5 (a plain single-part ETag of an object without
+        KMS or customer-key encryption), else there is none and the size check stands alone: an
+        object whose ETag cannot be an MD5 is transferred once. A mismatch downloads again, a
+        second one fails as transient. See _mismatch for a store whose ETags only look like MD5s.
         """
         info = info or self.head(loc)
         if info is None:
@@ -761,16 +801,15 @@ class Storage:
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
-                digest = file_md5(part) if _is_md5(info.etag) else None
-                if digest in (None, info.etag):
-                    break
-                if digest == previous:
-                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                problem, previous = self._mismatch(part, info, previous)
+                if problem and info.listed:  # a listing's ETag may be an encrypted object's: ask the object
+                    info = self.head(loc) or info
+                    problem, previous = self._mismatch(part, info, None)
+                if not problem:
                     break
                 if attempt == 2:
-                    raise TransientError(f"download of {self.uri(loc)} is corrupt: MD5 {digest} != ETag {info.etag}")
-                LOGGER.warning("download of %s does not match its ETag; downloading again", self.uri(loc))
-                previous = digest
+                    raise TransientError(f"download of {self.uri(loc)} is corrupt: {problem}")
+                LOGGER.warning("download of %s does not match (%s); downloading again", self.uri(loc), problem)
             os.replace(part, dest)
         finally:
             part.unlink(missing_ok=True)
@@ -781,6 +820,26 @@ class Storage:
         """boto3's transfer callback: a safe point to stop at (the exception ends the transfer)."""
         if self.interrupt:
             self.interrupt()
+
+    def _mismatch(self, path: Path, info: ObjectInfo, previous: str | None) -> tuple[str | None, str | None]:
+        """(why path is not the object's content or None, the MD5 computed for the next call).
+
+        Some gateways give ETags that look like MD5s but are not, and say nothing of it: when two
+        transfers give the same bytes and the same mismatch, the ETag is no MD5, the size check
+        stands alone, and the store is remembered as such for the rest of the process.
+        """
+        if info.digest is None or (info.digest[0] == "md5" and self._etags_not_md5):
+            return None, None
+        algorithm, expected = info.digest
+        got = file_digest(path, algorithm)
+        if got == expected:
+            return None, None
+        if algorithm == "md5" and got == previous:
+            self._etags_not_md5 = True
+            LOGGER.warning("two transfers gave the same bytes and the same mismatch: this store's ETags are not "
+                           "MD5s of the content; verifying sizes only from now on")
+            return None, None
+        return f"{algorithm} {got} != {expected}", got
 
     def fetch(self, loc: Location, dest: Path) -> Path:
         """Download unless dest already holds this exact object (same ETag), e.g. after a restart."""
@@ -805,20 +864,19 @@ class Storage:
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
         if self._s3 is None:
             return self._write_local(loc, lambda part: shutil.copyfile(path, part))
+        previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
                 self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress)
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
-            elif _is_md5(stored.etag) and stored.etag != file_md5(path):
-                problem = f"upload of {path.name} to {self.uri(loc)} does not match its MD5"
             else:
-                return self.uri(loc)
-            if attempt == 2:
-                if stored is not None and stored.size == size:  # twice the same: the store's ETag is no MD5
-                    LOGGER.warning("%s: ETag is not an MD5 of the content; size verified", self.uri(loc))
+                mismatch, previous = self._mismatch(path, stored, previous)
+                if not mismatch:
                     return self.uri(loc)
+                problem = f"upload of {path.name} to {self.uri(loc)} does not match ({mismatch})"
+            if attempt == 2:
                 raise TransientError(problem)
             LOGGER.warning("%s; uploading again", problem)
         return self.uri(loc)
@@ -851,7 +909,11 @@ class Storage:
         return self.uri(loc)
 
     def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
-        """Every object under a prefix, across as many listing pages as it takes."""
+        """Every object under a prefix, across as many listing pages as it takes.
+
+        Folder markers (keys ending in '/', which consoles' "create folder" writes) are not
+        objects to download: they are left out.
+        """
         if self._s3 is None:
             root = self._path(Location(prefix.bucket, ""))
             base = self._path(prefix)
@@ -865,7 +927,12 @@ class Storage:
         with self._errors("list", prefix):
             for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
                 for obj in page.get("Contents", []):
-                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], obj.get("ETag", "").strip('"'))
+                    if obj["Key"].endswith("/"):
+                        if obj.get("Size"):
+                            LOGGER.warning("skipping %s: a folder marker with content", obj["Key"])
+                        continue
+                    etag = obj.get("ETag", "").strip('"')
+                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, _etag_digest(etag), True)
 
     @contextlib.contextmanager
     def _errors(self, action: str, loc: Location):
@@ -884,13 +951,25 @@ class Storage:
             where = self.uri(loc)
             if code in _NOT_FOUND or (status == "404" and code != "NoSuchBucket"):
                 raise StorageNotFound(f"{where} does not exist") from None
+            skew = _clock_skew(response)
+            if code in _CLOCK_SKEW or (status == "403" and skew):  # the node's fault: NTP or another node fixes it
+                clock = (f"is {abs(skew) / 60:.0f} minutes {'behind' if skew > 0 else 'ahead of'}" if skew
+                         else "differs from")
+                raise TransientError(f"storage refused to {action} {where}: {code or status}: this node's clock "
+                                     f"{clock} the storage server's, more than it allows (15 minutes on S3); "
+                                     "check the node's time synchronisation (NTP)") from None
             if code in _REFUSED or status in ("401", "403"):
                 raise BadInput(f"storage refused to {action} {where}: {code or status} "
                                "(check the bucket name and the storage credentials)") from None
             raise TransientError(f"storage failed to {action} {where}: {code or status or e}") from None
-        except SSLError:
-            raise BadInput(f"the TLS certificate of {self.settings.endpoint or 'the storage endpoint'} is not "
-                           "trusted (set TLS_CA_BUNDLE to its CA)") from None
+        except SSLError as e:
+            endpoint = self.settings.endpoint or "the storage endpoint"
+            if _certificate_refused(e):
+                raise BadInput(f"the TLS certificate of {endpoint} is not trusted (set TLS_CA_BUNDLE to its "
+                               "CA)") from None
+            # a handshake reset or cut short (a restarting proxy, a load balancer): worth a retry
+            raise TransientError(f"TLS handshake with {endpoint} failed while trying to {action} "
+                                 f"{self.uri(loc)}: {e}") from None
         except BotoCoreError as e:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
 
@@ -909,16 +988,44 @@ def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:
     return storage.fetch(loc, work_dir / "weights" / "files" / loc.bucket / loc.key)
 
 
-def _is_md5(etag: str) -> bool:
-    return bool(re.fullmatch(r"[0-9a-f]{32}", etag or ""))
+# Full-object checksums S3 keeps (base64) that Python computes without extra packages, best first.
+# CRC32C and CRC64NVME would need awscrt; a composite (per-part) checksum ends in -<parts>.
+_CHECKSUM_FIELDS = (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"))
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5(usedforsecurity=False)
+def _object_digest(meta: Mapping[str, Any], etag: str) -> tuple[str, str] | None:
+    """What a transfer of this object is verified against: a full-object checksum the store keeps,
+    else the ETag if it is the content's MD5, else None (size only)."""
+    if meta.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        for field, algorithm in _CHECKSUM_FIELDS:
+            value = meta.get(field)
+            if value and "-" not in value:
+                return algorithm, value
+    if str(meta.get("ServerSideEncryption", "")).startswith("aws:kms") or meta.get("SSECustomerAlgorithm"):
+        return None  # S3's ETag of a KMS or customer-key encrypted object is not the content's MD5
+    return _etag_digest(etag)
+
+
+def _etag_digest(etag: str) -> tuple[str, str] | None:
+    """("md5", etag) where the ETag can be an MD5 (32 hex digits; a multipart ETag has a '-')."""
+    return ("md5", etag) if re.fullmatch(r"[0-9a-f]{32}", etag or "") else None
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """A file's digest as S3 writes it: hex for md5 (the ETag), base64 for checksums."""
+    import base64
+
+    crc, digest = 0, None if algorithm == "crc32" else hashlib.new(algorithm, usedforsecurity=False)
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+            if digest is None:
+                crc = zlib.crc32(chunk, crc)
+            else:
+                digest.update(chunk)
+    if algorithm == "md5":
+        return digest.hexdigest()
+    raw = crc.to_bytes(4, "big") if digest is None else digest.digest()
+    return base64.b64encode(raw).decode()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1358,11 +1465,14 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     """Extract a zip or tar archive into dest, treating every entry as hostile.
 
     Every entry is checked before anything is written: a path that would land outside dest
-    ('..', absolute, a drive letter, backslash tricks) refuses the archive; the declared
-    uncompressed total and file count must be within the caps (DATASET_MAX_BYTES,
-    DATASET_MAX_FILES) and fit on the disk. Links, devices and other special entries are
-    skipped with a warning. While writing, the real byte count is enforced too, so an archive
-    whose headers understate its size (a zip bomb) stops at the cap.
+    ('..', absolute, a drive letter, backslash tricks) refuses the archive; so does a name the
+    file system cannot hold (a part over 255 bytes), a name used both as a file and as a folder,
+    and a zip entry that cannot be read (encrypted, or compressed with a method such as Deflate64
+    that Python lacks). The entry count (files and folders) and the declared uncompressed total
+    must be within the caps (DATASET_MAX_FILES, DATASET_MAX_BYTES) and fit on the disk. Links,
+    devices and other special entries are skipped with a warning. While writing, the real byte
+    count is enforced too, so an archive whose headers understate its size (a zip bomb) stops at
+    the cap; an entry that still fails to be written is a bad-input error naming it.
     """
     import gzip
     import lzma
@@ -1371,32 +1481,39 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     try:
         if zipfile.is_zipfile(archive):
             with zipfile.ZipFile(archive) as zf:
-                entries = [(info, safe_target(root, info.filename), _zip_kind(info)) for info in zf.infolist()]
-                _check_caps(archive, dest, [i.file_size for i, _, kind in entries if kind == "file"], max_bytes, max_files)
+                infos = zf.infolist()
+                if len(infos) > max_files:
+                    raise BadInput(f"{archive.name} holds {len(infos)} entries (files and folders), more than "
+                                   f"DATASET_MAX_FILES={max_files}")
+                entries = [(info, info.filename, safe_target(root, info.filename), _zip_kind(info)) for info in infos]
+                _check_entries(archive, root, entries)
+                _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"], max_bytes)
                 budget = _Budget(archive, max_bytes)
-                for info, target, kind in entries:
-                    if kind == "dir":
-                        target.mkdir(parents=True, exist_ok=True)
-                    elif kind == "file":
-                        with zf.open(info) as src:
-                            budget.copy(src, target)
-                    else:
-                        LOGGER.warning("skipping %s in %s: a %s", info.filename, archive.name, kind)
+                for info, name, target, kind in entries:
+                    with _writing(archive, name):
+                        if kind == "dir":
+                            target.mkdir(parents=True, exist_ok=True)
+                        elif kind == "file":
+                            with zf.open(info) as src:
+                                budget.copy(src, target)
+                        else:
+                            LOGGER.warning("skipping %s in %s: a %s", name, archive.name, kind)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
-                members = tf.getmembers()  # every header, before anything is written
-                entries = [(m, safe_target(root, m.name)) for m in members]
-                _check_caps(archive, dest, [m.size for m in members if m.isfile()], max_bytes, max_files)
+                members = _tar_members(tf, archive, max_files)  # every header, before anything is written
+                entries = [(m, m.name, safe_target(root, m.name), _tar_kind(m)) for m in members]
+                _check_entries(archive, root, entries)
+                _check_caps(archive, dest, [m.size for m, _, _, kind in entries if kind == "file"], max_bytes)
                 budget = _Budget(archive, max_bytes)
-                for member, target in entries:
-                    if member.isdir():
-                        target.mkdir(parents=True, exist_ok=True)
-                    elif member.isfile():
-                        with tf.extractfile(member) as src:
-                            budget.copy(src, target)
-                    else:
-                        kind = "link" if member.issym() or member.islnk() else "special file"
-                        LOGGER.warning("skipping %s in %s: a %s", member.name, archive.name, kind)
+                for member, name, target, kind in entries:
+                    with _writing(archive, name):
+                        if kind == "dir":
+                            target.mkdir(parents=True, exist_ok=True)
+                        elif kind == "file":
+                            with tf.extractfile(member) as src:
+                                budget.copy(src, target)
+                        else:
+                            LOGGER.warning("skipping %s in %s: a %s", name, archive.name, kind)
         else:
             raise BadInput(f"{archive.name} is not a zip or tar archive")
     except (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error,
@@ -1418,10 +1535,104 @@ def _zip_kind(info: zipfile.ZipInfo) -> str:
     return "file"
 
 
-def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int, max_files: int) -> None:
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    if member.isdir():
+        return "dir"
+    if member.isfile():
+        return "file"
+    return "link" if member.issym() or member.islnk() else "special file"
+
+
+def _tar_members(tf: tarfile.TarFile, archive: Path, max_files: int) -> list[tarfile.TarInfo]:
+    """Every header of a tar, stopping as soon as there are more than max_files (each costs memory)."""
+    members = []
+    for member in tf:
+        members.append(member)
+        if len(members) > max_files:
+            raise BadInput(f"{archive.name} holds more than DATASET_MAX_FILES={max_files} entries (files and folders)")
+    return members
+
+
+# Compression methods Python's zipfile reads; others (Deflate64, which Windows Explorer writes for
+# large files, Implode, PPMd...) would fail mid-extraction.
+ZIP_READABLE = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA}
+ZIP_METHOD_NAMES = {6: "Implode", 9: "Deflate64", 10: "PKWARE Implode", 93: "Zstandard", 95: "XZ", 96: "JPEG",
+                    97: "WavPack", 98: "PPMd", 99: "AES encryption"}
+NAME_MAX = 255  # bytes in one path part, on every common Linux file system
+PATH_MAX = 4096
+
+
+def _check_entries(archive: Path, root: Path, entries: list[tuple[Any, str, Path, str]]) -> None:
+    """Refuse, before anything is written, an archive with an entry that could not be extracted."""
+    files: dict[Path, str] = {}
+    folders: set[Path] = set()
+    for info, name, target, kind in entries:
+        if kind not in ("file", "dir"):
+            continue  # skipped: never written
+        problem = _name_problem(target)
+        if not problem and kind == "file" and isinstance(info, zipfile.ZipInfo):
+            problem = _zip_problem(info)
+        if problem:
+            raise BadInput(f"{archive.name}: entry {_short(name)} {problem}")
+        if kind == "file":
+            files.setdefault(target, name)
+        _add_folders(folders, root, target if kind == "dir" else target.parent)
+    clash = next((target for target in files if target in folders), None)
+    if clash is not None:
+        raise BadInput(f"{archive.name}: entry {_short(files[clash])} is a file, but other entries use it as a folder")
+
+
+def _add_folders(folders: set[Path], root: Path, folder: Path) -> None:
+    """Add folder and its parents up to root; a folder already there has its parents there too."""
+    while folder != root and root in folder.parents and folder not in folders:
+        folders.add(folder)
+        folder = folder.parent
+
+
+def _name_problem(target: Path) -> str | None:
+    longest = max((len(os.fsencode(part)) for part in target.parts), default=0)
+    if longest > NAME_MAX:
+        return f"has a name part of {longest} bytes; file systems allow {NAME_MAX}"
+    if len(os.fsencode(str(target))) >= PATH_MAX:
+        return f"has a path longer than {PATH_MAX} bytes once extracted"
+    return None
+
+
+def _zip_problem(info: zipfile.ZipInfo) -> str | None:
+    if info.flag_bits & 0x1:
+        return "is encrypted: the trainer cannot decrypt it (re-create the archive without a password)"
+    if info.compress_type not in ZIP_READABLE:
+        method = ZIP_METHOD_NAMES.get(info.compress_type, f"number {info.compress_type}")
+        return (f"is compressed with {method}, which cannot be read (re-create the archive with standard "
+                "Deflate, e.g. `zip -r` or 7-Zip's Deflate method)")
+    return None
+
+
+def _short(name: str, limit: int = 80) -> str:
+    """An entry name for a message: quoted, and cut short if very long."""
+    return repr(name) if len(name) <= limit else repr(name[:limit]) + f"... ({len(name)} characters)"
+
+
+@contextlib.contextmanager
+def _writing(archive: Path, name: str):
+    """An entry that fails to be written despite the checks: bad input naming it, unless the disk is full."""
+    import errno
+    import gzip
+
+    try:
+        yield
+    except gzip.BadGzipFile:
+        raise  # the archive itself is corrupt: the caller says so
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise TransientError(f"the disk filled up while extracting {archive.name} ({e.strerror})") from None
+        raise BadInput(f"{archive.name}: entry {_short(name)} cannot be extracted: {e.strerror or e}") from None
+    except (NotImplementedError, RuntimeError) as e:  # zipfile: an unsupported method, encryption
+        raise BadInput(f"{archive.name}: entry {_short(name)} cannot be extracted: {e}") from None
+
+
+def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int) -> None:
     total = sum(sizes)
-    if len(sizes) > max_files:
-        raise BadInput(f"{archive.name} holds {len(sizes)} files, more than DATASET_MAX_FILES={max_files}")
     if total > max_bytes:
         raise BadInput(f"{archive.name} expands to {human_size(total)}, more than DATASET_MAX_BYTES={max_bytes}")
     dest.mkdir(parents=True, exist_ok=True)
@@ -1628,49 +1839,108 @@ def prepare_classification(root: Path, out: Path, fraction: float = 0.1) -> Path
     return out
 
 
-def dataset_task(data: Path) -> tuple[str | None, str]:
-    """The task a prepared dataset is for, and why: a classification folder, kpt_shape, or label lengths."""
+@dataclasses.dataclass(frozen=True)
+class DatasetShape:
+    """What a prepared dataset's layout and labels say about its task."""
+
+    fits: frozenset[str]  # every task its labels are valid for; empty: nothing to tell
+    task: str | None  # what the dataset alone suggests, used only when nothing explicit decides
+    why: str
+
+    @property
+    def ambiguous(self) -> bool:
+        return len(self.fits) > 1
+
+
+def dataset_task(data: Path) -> DatasetShape:
+    """The tasks a prepared dataset fits: a classification folder, kpt_shape, or a vote over its
+    train label files.
+
+    A label line of 9 values is both an oriented box and a 4-point polygon, so a dataset whose
+    labels all have 9 values fits obb and segment alike. Its vote then goes by shape: an oriented
+    box is a rotated rectangle, a parallelogram once normalised; a 4-point polygon drawn with a
+    polygon tool usually is not. Any longer polygon makes the dataset a segmentation dataset.
+    """
+    import collections
+
     import yaml
 
     if data.is_dir():
-        return "classify", "class folders without a data.yaml"
+        return DatasetShape(frozenset({"classify"}), "classify", "class folders without a data.yaml")
     cfg = yaml.safe_load(data.read_text(encoding="utf-8"))
     if cfg.get("kpt_shape"):
-        return "pose", "data.yaml has kpt_shape"
-    for image in _images_of(cfg.get("train"))[:50]:
-        label = _label_path(image)
-        lines = label.read_text(encoding="utf-8", errors="replace").split("\n") if label.is_file() else []
-        counts = {len(line.split()) for line in lines if line.strip()}
-        if 9 in counts and counts <= {9}:
-            return "obb", "its labels have 9 values (class and 4 corners)"
-        if any(n >= 7 and n % 2 for n in counts):
-            return "segment", "its labels are polygons"
-        if counts == {5}:
-            return "detect", "its labels are boxes (5 values)"
-    return None, "no labels to tell"
+        return DatasetShape(frozenset({"pose"}), "pose", "data.yaml has kpt_shape")
+    votes = collections.Counter(_label_file_shape(_label_path(image)) for image in _images_of(cfg.get("train")))
+    votes.pop(None, None)
+    quads = votes["rectangles"] + votes["quadrilaterals"]
+    if votes["polygons"]:
+        return DatasetShape(frozenset({"segment"}), "segment", "its labels are polygons")
+    if quads:
+        task = "segment" if votes["quadrilaterals"] > votes["rectangles"] else "obb"
+        return DatasetShape(frozenset({"obb", "segment"}), task,
+                            f"its labels have 9 values, which fit both oriented boxes and 4-point polygons; "
+                            f"{votes['rectangles']} of {quads} label files hold only rotated rectangles")
+    if votes["boxes"]:
+        return DatasetShape(frozenset({"detect"}), "detect", "its labels are boxes (5 values)")
+    return DatasetShape(frozenset(), None, "no labels to tell")
+
+
+def _label_file_shape(label: Path) -> str | None:
+    """One label file's vote: boxes, polygons, rectangles (9 values, all parallelograms),
+    quadrilaterals (9 values, some not parallelograms), or None (no file, no labels, not text)."""
+    counts: set[int] = set()
+    skewed = False
+    try:
+        for _, line in label_lines(label) if label.is_file() else ():
+            values = line.split() if line else []
+            counts.add(len(values))
+            if len(values) == 9 and not skewed:
+                skewed = not _is_parallelogram(values[1:])
+    except UnicodeDecodeError:
+        return None
+    if any(n >= 7 and n % 2 and n != 9 for n in counts):
+        return "polygons"
+    if 9 in counts:
+        return "quadrilaterals" if skewed else "rectangles"
+    return "boxes" if 5 in counts else None
+
+
+def _is_parallelogram(coords: list[str], tolerance: float = 0.01) -> bool:
+    """Whether 4 corners (x1 y1 ... x4 y4, in order) form a parallelogram: the diagonals share a midpoint."""
+    try:
+        x1, y1, x2, y2, x3, y3, x4, y4 = (float(v) for v in coords)
+    except ValueError:
+        return True  # not numbers: the dataset check says so; no vote either way
+    return abs(x1 + x3 - x2 - x4) <= tolerance and abs(y1 + y3 - y2 - y4) <= tolerance
 
 
 # -- dataset check ---------------------------------------------------------------------------
 
 
 class DatasetReport:
-    """Problems found in a dataset: a few examples with file and line, then a count."""
+    """Problems found in a dataset: the first SHOWN with file and line, then a count.
+
+    Only the shown ones are kept: one broken label file of millions of lines must not hold
+    millions of messages in memory.
+    """
 
     SHOWN = 10
 
     def __init__(self):
-        self.problems: list[str] = []
+        self.problems: list[str] = []  # the first SHOWN problems
+        self.count = 0  # every problem found
 
     def add(self, where: str, what: str) -> None:
-        self.problems.append(f"{where}: {what}")
+        self.count += 1
+        if len(self.problems) < self.SHOWN:
+            self.problems.append(f"{where}: {what}")
 
     def __bool__(self) -> bool:
-        return bool(self.problems)
+        return self.count > 0
 
     def text(self) -> str:
-        shown = self.problems[: self.SHOWN]
-        more = len(self.problems) - len(shown)
-        return (f"dataset check found {len(self.problems)} problem(s):\n  - " + "\n  - ".join(shown)
+        more = self.count - len(self.problems)
+        return (f"dataset check found {self.count} problem(s):\n  - " + "\n  - ".join(self.problems)
                 + (f"\n  - ... and {more} more" if more else ""))
 
 
@@ -1738,20 +2008,41 @@ def _label_path(image: Path) -> Path:
     return Path(*parts).with_suffix(".txt")
 
 
+# A label line longer than this is refused unread (a polygon of 20,000 points is about 400 KB).
+MAX_LABEL_LINE = 1 << 20
+
+
+def label_lines(label: Path) -> Iterator[tuple[int, str | None]]:
+    """(line number, text) of a label file, read line by line so memory stays flat whatever its
+    size; the text is None for a line longer than MAX_LABEL_LINE characters, which is skipped.
+
+    Raises:
+        UnicodeDecodeError: the file is not UTF-8 text.
+    """
+    with label.open(encoding="utf-8", newline=None) as f:
+        number = 0
+        while line := f.readline(MAX_LABEL_LINE + 1):
+            number += 1
+            if len(line) > MAX_LABEL_LINE and not line.endswith("\n"):
+                while (rest := f.readline(1 << 16)) and not rest.endswith("\n"):
+                    pass  # skip to the end of the overlong line, a chunk at a time
+                yield number, None
+            else:
+                yield number, line
+
+
 def _check_label_file(label: Path, task: str | None, classes: int, kpt: list | None, report: DatasetReport) -> None:
     where = "/".join(label.parts[-3:])
     try:
-        lines = label.read_text(encoding="utf-8").splitlines()
+        for number, line in label_lines(label):
+            if line is None:
+                report.add(f"{where} line {number}", f"is longer than {MAX_LABEL_LINE} characters")
+            elif line.strip():
+                problem = _label_problem(line.split(), task, classes, kpt)
+                if problem:
+                    report.add(f"{where} line {number}", problem)
     except UnicodeDecodeError:
         report.add(where, "is not a text file")
-        return
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        values = line.split()
-        problem = _label_problem(values, task, classes, kpt)
-        if problem:
-            report.add(f"{where} line {number}", problem)
 
 
 def _label_problem(values: list[str], task: str | None, classes: int, kpt: list | None) -> str | None:

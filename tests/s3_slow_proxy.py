@@ -21,7 +21,8 @@ from tests.s3_fault_proxy import make_handler
 
 
 def make_slow_handler(args: argparse.Namespace):
-    base = make_handler(argparse.Namespace(upstream=args.upstream, fail_rate=0.0, seed=0, record=args.requests))
+    base = make_handler(argparse.Namespace(upstream=args.upstream, fail_rate=0.0, seed=0, record=args.requests,
+                                           log_requests=False, etags="md5", answer=None, hang_file=None))
     lock = threading.Lock()
 
     class Handler(base):

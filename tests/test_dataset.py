@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import os
 import tarfile
 import zipfile
@@ -135,11 +136,31 @@ def test_caps_refuse_before_anything_is_written(tmp_path):
     with zipfile.ZipFile(archive, "w") as zf:
         for i in range(20):
             zf.writestr(f"f{i}.txt", "x" * 100)
-    with pytest.raises(BadInput, match="holds 20 files, more than DATASET_MAX_FILES=10"):
+    with pytest.raises(BadInput, match=r"holds 20 entries \(files and folders\), more than DATASET_MAX_FILES=10"):
         extract_archive(archive, tmp_path / "a", max_files=10)
     with pytest.raises(BadInput, match="expands to 2.0 KB, more than DATASET_MAX_BYTES=1000"):
         extract_archive(archive, tmp_path / "b", max_bytes=1000)
     assert not list((tmp_path / "a").glob("*")) and not list((tmp_path / "b").glob("*"))
+
+
+def test_folders_count_against_the_file_cap_before_anything_is_written(tmp_path):
+    archive = tmp_path / "folders.tar"
+    with tarfile.open(archive, "w") as tf:
+        for i in range(3000):
+            info = tarfile.TarInfo(f"d{i:04d}")
+            info.type = tarfile.DIRTYPE
+            tf.addfile(info)
+    with pytest.raises(BadInput, match="folders.tar holds more than DATASET_MAX_FILES=10 entries"):
+        extract_archive(archive, tmp_path / "x", max_files=10)
+    assert not (tmp_path / "x").exists() or not any((tmp_path / "x").iterdir())
+
+
+def test_an_entry_that_cannot_be_written_is_bad_input_naming_it(tmp_path):
+    archive = tmp_path / "dot.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr(".", b"a file where the extraction folder itself is")
+    with pytest.raises(BadInput, match="dot.zip: entry '.' cannot be extracted: Is a directory"):
+        extract_archive(archive, tmp_path / "x")
 
 
 @pytest.mark.parametrize("task,line,problem", [
@@ -182,6 +203,41 @@ def test_report_shows_ten_examples_then_a_count():
     text = report.text()
     assert text.startswith("dataset check found 25 problem(s):") and text.count("line 1: bad") == 10
     assert text.endswith("... and 15 more")
+
+
+def test_report_memory_stays_bounded_however_many_problems():
+    from utils import DatasetReport
+
+    report = DatasetReport()
+    for i in range(2_000_000):
+        report.add(f"labels/big.txt line {i + 1}", "class 9 is out of range")
+    assert len(report.problems) == DatasetReport.SHOWN and report.count == 2_000_000
+    assert report.text().startswith("dataset check found 2000000 problem(s):")
+    assert report.text().endswith("... and 1999990 more")
+
+
+def test_label_file_is_read_line_by_line_in_bounded_memory(tmp_path):
+    import tracemalloc
+
+    from utils import MAX_LABEL_LINE, DatasetReport, _check_label_file
+
+    label = tmp_path / "labels" / "train" / "big.txt"
+    label.parent.mkdir(parents=True)
+    with label.open("w") as f:
+        f.write("0 " + "0.5 " * MAX_LABEL_LINE + "\n")  # one line of 4 MB
+        for _ in range(100_000):  # 1.8 MB of lines, each with a class out of range
+            f.write("9 0.5 0.5 0.1 0.1\n")
+    report = DatasetReport()
+    tracemalloc.start()
+    try:
+        _check_label_file(label, "detect", 2, None, report)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.count == 100_001
+    assert report.problems[0] == f"labels/train/big.txt line 1: is longer than {MAX_LABEL_LINE} characters"
+    assert report.problems[1].startswith("labels/train/big.txt line 2: class 9 is out of range")
+    assert peak < 3 * 2**20, f"checking a 6 MB label file took {peak / 2**20:.1f} MB"
 
 
 def test_dataset_with_only_train_gets_a_deterministic_validation_split(tmp_path):
@@ -234,4 +290,75 @@ def test_dataset_task_is_recognised(task, tmp_path):
 
     root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
     data = root if task == "classify" else resolve_data_yaml(root, tmp_path / "d.yaml")[0]
-    assert dataset_task(data)[0] == task
+    assert dataset_task(data).task == task
+
+
+RECTANGLE = "0 0.2 0.2 0.6 0.2 0.6 0.5 0.2 0.5"  # 9 values: an oriented box, or a 4-point polygon
+DIAMOND = "1 0.5 0.2 0.8 0.5 0.5 0.8 0.2 0.5"  # a rotated rectangle: still a parallelogram
+QUADRILATERAL = "0 0.1 0.1 0.7 0.15 0.9 0.8 0.15 0.6"  # a document in perspective: no oriented box
+POLYGON = "1 " + " ".join(f"{0.5 + 0.3 * math.cos(a * math.pi / 8):.4f} {0.5 + 0.3 * math.sin(a * math.pi / 8):.4f}"
+                          for a in range(16))
+BOX = "0 0.5 0.5 0.2 0.2"
+
+
+def labelled(folder: Path, *files: list[str]) -> Path:
+    """A prepared data.yaml (absolute paths) over train images whose label files hold these lines."""
+    for i, lines in enumerate(files):
+        for kind, suffix, content in (("images", "jpg", b"jpg"), ("labels", "txt", "\n".join(lines).encode())):
+            (folder / kind / "train").mkdir(parents=True, exist_ok=True)
+            (folder / kind / "train" / f"{i:03d}.{suffix}").write_bytes(content)
+    (folder / "data.yaml").write_text(f"train: {folder / 'images' / 'train'}\nval: {folder / 'images' / 'train'}\n"
+                                      "names: [a, b]\n")
+    return folder / "data.yaml"
+
+
+@pytest.mark.parametrize("lines,fits,vote", [
+    ([[RECTANGLE], [DIAMOND, RECTANGLE]], {"obb", "segment"}, "obb"),
+    ([[QUADRILATERAL], [QUADRILATERAL, RECTANGLE], [DIAMOND]], {"obb", "segment"}, "segment"),
+    ([[RECTANGLE], [RECTANGLE, POLYGON], [RECTANGLE]], {"segment"}, "segment"),  # 4-point and longer polygons
+    ([[BOX], [BOX, BOX]], {"detect"}, "detect"),
+])
+def test_dataset_task_votes_over_every_label_file(tmp_path, lines, fits, vote):
+    from utils import dataset_task
+
+    shape = dataset_task(labelled(tmp_path, *lines))
+    assert (set(shape.fits), shape.task) == (fits, vote)
+
+
+@pytest.mark.parametrize("task_type,model,lines,expected", [
+    ("instance_segmentation", "yolo11n-seg.yaml", [[RECTANGLE], [DIAMOND]], "segment"),  # explicit, and 9 values fit
+    ("oriented_detection", "yolo11n-obb.yaml", [[QUADRILATERAL]], "obb"),  # explicit wins over the dataset's vote
+    (None, "yolo11n-seg.yaml", [[RECTANGLE]], "segment"),  # the model's task is explicit too
+    (None, "yolo11n-seg.yaml", [[RECTANGLE], [POLYGON, RECTANGLE]], "segment"),
+    (None, "<unreadable.pt>", [[RECTANGLE], [DIAMOND]], "obb"),  # nothing explicit: the dataset's vote
+    (None, "<unreadable.pt>", [[QUADRILATERAL], [RECTANGLE, QUADRILATERAL]], "segment"),
+    (None, "yolo11n-pose.yaml", [[BOX]], "the dataset is a detect dataset"),  # a real contradiction
+    ("instance_segmentation", "yolo11n-seg.yaml", [[BOX]], "the dataset is a detect dataset"),
+])
+def test_task_resolution_explicit_settings_win_and_ambiguity_never_contradicts(tmp_path, caplog, task_type, model,
+                                                                               lines, expected):
+    import train
+    from utils import load_settings
+
+    if model == "<unreadable.pt>":
+        model = str(tmp_path / "unreadable.pt")
+        Path(model).write_bytes(b"a checkpoint whose task cannot be read")
+    settings = load_settings({"JOB_ID": "1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "MODEL_NAME": model,
+                              **({"TASK_TYPE": task_type} if task_type else {})})
+    data = labelled(tmp_path / "ds", *lines)
+    caplog.set_level("INFO", logger="trainer")
+    if expected.startswith("the dataset"):
+        with pytest.raises(BadInput, match=expected):
+            train.resolve_task(settings, model, data)
+        return
+    assert train.resolve_task(settings, model, data) == expected
+    if any(line[0] in (RECTANGLE, DIAMOND, QUADRILATERAL) for line in lines) and not any(POLYGON in f for f in lines):
+        assert "the dataset is ambiguous: its labels have 9 values, which fit both oriented boxes and 4-point " \
+               "polygons" in caplog.text
+
+
+def test_segment_labels_of_four_points_pass_the_check():
+    from utils import _label_problem
+
+    assert _label_problem(QUADRILATERAL.split(), "segment", classes=2, kpt=None) is None
+    assert _label_problem(RECTANGLE.split(), "obb", classes=2, kpt=None) is None

@@ -50,7 +50,7 @@ def zip_entries(entries: dict[str, bytes], symlinks: dict[str, str] | None = Non
 
 
 def tar_entries(members: list[tuple[str, str, object]], mode: str = "w", name: str = "ds.tar") -> Callable[[Path], Path]:
-    """members: (name, kind, payload) with kind file/symlink/hardlink/chardev."""
+    """members: (name, kind, payload) with kind file/dir/symlink/hardlink/chardev."""
     def build(folder: Path) -> Path:
         path = folder / name
         with tarfile.open(path, mode) as tf:
@@ -60,9 +60,31 @@ def tar_entries(members: list[tuple[str, str, object]], mode: str = "w", name: s
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))
                     continue
-                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE}[kind]
+                info.type = {"symlink": tarfile.SYMTYPE, "hardlink": tarfile.LNKTYPE, "chardev": tarfile.CHRTYPE,
+                             "dir": tarfile.DIRTYPE}[kind]
                 info.linkname = payload or ""
                 tf.addfile(info)
+        return path
+    return build
+
+
+def zip_flagged(method: int | None = None, flags: int | None = None) -> Callable[[Path], Path]:
+    """A one-entry zip whose headers (local and central) say another compression method or flags:
+    what Windows Explorer writes for Deflate64 (method 9), or an encrypted entry (flag bit 0)."""
+    def build(folder: Path) -> Path:
+        import struct
+
+        path = folder / "ds.zip"
+        with zipfile.ZipFile(path, "w") as zf:
+            zf.writestr("images/train/x.jpg", b"not really compressed" * 10)
+        data = bytearray(path.read_bytes())
+        for signature, flags_at in ((b"PK\x03\x04", 6), (b"PK\x01\x02", 8)):  # method follows flags
+            at = data.index(signature)
+            if flags is not None:
+                struct.pack_into("<H", data, at + flags_at, flags)
+            if method is not None:
+                struct.pack_into("<H", data, at + flags_at + 2, method)
+        path.write_bytes(bytes(data))
         return path
     return build
 
@@ -159,8 +181,17 @@ CASES = [
          tar_entries([("../../outside/evil.txt", "file", b"pwned")], mode="w:gz", name="ds.tar.gz"), escape="evil.txt"),
     Case("zip-bomb", r"expands to 200\.0 MB, more than DATASET_MAX_BYTES=10000000", zip_bomb,
          env={"DATASET_MAX_BYTES": "10000000"}),
-    Case("too-many-files", r"holds 300 files, more than DATASET_MAX_FILES=100", many_files,
+    Case("too-many-files", r"holds 300 entries \(files and folders\), more than DATASET_MAX_FILES=100", many_files,
          env={"DATASET_MAX_FILES": "100"}),
+    Case("tar-of-3000-folders-over-the-file-cap", r"holds more than DATASET_MAX_FILES=10 entries \(files and folders\)",
+         tar_entries([(f"d{i:04d}", "dir", None) for i in range(3000)]), env={"DATASET_MAX_FILES": "10"}),
+    Case("tar-file-then-folder-of-the-same-name", r"ds\.zip-\w+\.zip: entry 'a' is a file, but other entries use it as a folder",
+         tar_entries([("a", "file", b"x"), ("a/b", "file", b"y")])),
+    Case("zip-deflate64", r"ds\.zip-\w+\.zip: entry 'images/train/x\.jpg' is compressed with Deflate64, which cannot be read",
+         zip_flagged(method=9)),
+    Case("zip-encrypted-entry", r"ds\.zip-\w+\.zip: entry 'images/train/x\.jpg' is encrypted", zip_flagged(flags=0x1)),
+    Case("name-over-255-bytes", r"ds\.zip-\w+\.zip: entry 'images/x+'\.\.\. \(311 characters\) has a name part of 304 bytes",
+         zip_entries({"images/" + "x" * 300 + ".jpg": b"x"})),
     Case("truncated-zip", r"corrupt or truncated|not a zip or tar archive", truncated),
     Case("corrupt-tar-gz", r"corrupt or truncated|not a zip or tar archive", raw(b"\x1f\x8b\x08\x00" + b"garbage" * 100)),
     Case("not-an-archive", r"is not a zip or tar archive", raw(b"hello, not an archive")),
@@ -293,6 +324,53 @@ def test_dead_mlflow_server_does_not_fail_training(s3_server, s3, bucket, receiv
     final = receiver.bodies("status")[-1]
     assert final["status"] == "completed" and final.get("mlflow_run_id") is None
     assert "mlflow-pa55word" not in result.stderr + result.stdout  # URL credentials are masked too
+
+
+def test_without_a_tracking_uri_mlflow_writes_only_under_the_work_folder(s3_server, s3, bucket, receiver, dataset_zip,
+                                                                         tmp_path):
+    """The default local store: its artifacts go to WORK_DIR/mlartifacts, not to ./mlruns in a working
+    directory that is read-only in the image (as root, chmod does not stop writes: the check is that
+    nothing appears there)."""
+    from mlflow import MlflowClient
+
+    cwd = tmp_path / "app"
+    cwd.mkdir()
+    env = one_epoch_job(s3_server, s3, bucket, receiver, dataset_zip, tmp_path)
+    del env["MLFLOW_TRACKING_URI"]
+    cwd.chmod(0o555)
+    try:
+        result = run_entry("train.py", env, cwd=cwd, timeout=300)
+    finally:
+        cwd.chmod(0o755)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "tracking is off" not in result.stderr
+    assert list(cwd.iterdir()) == []
+    work = tmp_path / "work"
+    client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("project-default").experiment_id])
+    assert run.info.status == "FINISHED" and run.info.artifact_uri.startswith((work / "mlartifacts").as_uri())
+    assert {"weights/best.pt", "weights/last.pt", "results.csv"} <= {
+        p.relative_to(work / "mlartifacts").as_posix().split("/", 2)[2] for p in (work / "mlartifacts").rglob("*")
+        if p.is_file()}
+
+
+def test_run_is_ended_after_a_tracking_failure_switched_tracking_off(tmp_path):
+    from mlflow import MlflowClient
+
+    from train import Tracker
+    from utils import Redactor, load_settings
+
+    settings = load_settings({"JOB_ID": "t1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path)})
+    tracker = Tracker(settings, Redactor([]))
+    tracker.start()
+    tracker.log_metrics({"mAP50": 0.5}, step=1)
+    tracker.log_metrics({"a/../b": 1.0}, step=2)  # MLflow refuses the name: tracking switches off
+    tracker.log_metrics({"mAP50": 0.6}, step=3)  # not sent any more
+    tracker.finish("FAILED")
+    run = MlflowClient(settings.mlflow_tracking_uri).get_run(tracker.run_id)
+    assert run.info.status == "FAILED"
+    assert [m.step for m in MlflowClient(settings.mlflow_tracking_uri).get_metric_history(run.info.run_id,
+                                                                                          "mAP50")] == [1]
 
 
 def test_docker_image_runs_as_a_non_root_user():

@@ -106,6 +106,102 @@ def test_corrupt_image_is_reported_and_the_rest_continue(s3_server, s3, bucket, 
     assert all("error" not in by_name[n] and by_name[n]["detections"] for n in ("val_0000.jpg", "val_0002.jpg"))
 
 
+def test_unreadable_local_inputs_are_error_entries_and_the_rest_continue(weights, images, tmp_path):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for f in images[:2]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "gone.jpg").symlink_to(tmp_path / "deleted.jpg")  # a dangling link
+    (folder / "folder.jpg").mkdir()  # a folder with an image's name
+    doc = run_predict({"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "INPUT_URI": str(folder),
+                       "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "MAX_DET": "3", "WORK_DIR": str(tmp_path / "w")}, tmp_path)
+    assert doc["count"] == 4 and doc["failed"] == 2
+    by_name = {p["image"].rsplit("/", 1)[1]: p for p in doc["predictions"]}
+    assert by_name["gone.jpg"]["error"] == "cannot be read: No such file or directory"
+    assert by_name["folder.jpg"]["error"] == "is a folder, not an image"
+    assert all(by_name[f.name]["detections"] and "error" not in by_name[f.name] for f in images[:2])
+
+
+@pytest.fixture
+def s3_proxy(s3_server, tmp_path):
+    """Factory: tests/s3_fault_proxy.py in front of the S3 server, answering as told (--answer ...)."""
+    from tests.conftest import spawn_server, with_group
+
+    procs = []
+
+    def start(*answers: str) -> str:
+        args = [a for answer in answers for a in ("--answer", answer)]
+        proc, url = spawn_server("tests.s3_fault_proxy", "--upstream", s3_server, "--fail-rate", "0", "--record",
+                                 str(tmp_path / "faults.log"), *args)
+        procs.append(proc)
+        return url
+
+    yield start
+    for proc in procs:
+        with_group(proc, 15)
+        proc.wait(10)
+
+
+def test_images_storage_cannot_give_are_error_entries_and_folder_markers_are_skipped(s3_proxy, s3, bucket, weights,
+                                                                                     images, tmp_path):
+    for f in images[:4]:
+        s3.upload_file(str(f), bucket, f"inputs/{f.name}")
+    for marker in ("inputs/", "inputs/more.jpg/"):  # folder markers, one with an image's suffix
+        s3.put_object(Bucket=bucket, Key=marker, Body=b"")
+    gone, failing = images[1].name, images[2].name
+    url = s3_proxy(f"404:NoSuchKey:GET:/{bucket}/inputs/{gone}",  # deleted after it was listed
+                   f"503:SlowDown:GET:/{bucket}/inputs/{failing}")  # storage keeps failing for this one
+    env = predict_env(url, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI="inputs/", STORAGE_MAX_ATTEMPTS="2")
+    doc = run_predict(env, tmp_path)
+    assert doc["count"] == 4 and doc["failed"] == 2
+    by_name = {p["image"].rsplit("/", 1)[1]: p for p in doc["predictions"]}
+    assert by_name[gone]["error"] == "does not exist (deleted after it was listed?)"
+    assert by_name[failing]["error"].startswith(f"storage failed to give it: storage failed to read s3://{bucket}/")
+    assert all(by_name[f.name]["detections"] for f in (images[0], images[3]))
+
+
+def test_storage_outage_for_every_image_fails_the_run_as_transient(s3_proxy, s3, bucket, weights, images, tmp_path):
+    for f in images[:3]:
+        s3.upload_file(str(f), bucket, f"inputs/{f.name}")
+    url = s3_proxy(f"503:SlowDown:GET:/{bucket}/inputs/")  # listing works, every read fails
+    env = predict_env(url, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI="inputs/", STORAGE_MAX_ATTEMPTS="2")
+    out = run_predict(env, tmp_path, code=75)
+    assert "no image could be read from storage" in out["stderr"]
+
+
+def test_ten_storage_failures_in_a_row_are_an_outage_not_ten_error_entries():
+    from predict import StorageWatch
+    from utils import TransientError
+
+    watch = StorageWatch()
+    for _ in range(3):
+        for _ in range(StorageWatch.OUTAGE - 1):  # one image short of an outage, then one read works
+            assert watch.read_failed(TransientError("SlowDown")).startswith("storage failed to give it")
+        watch.read_ok()
+    watch.check()  # images were read: the failures were single images
+    for _ in range(StorageWatch.OUTAGE - 1):
+        watch.read_failed(TransientError("SlowDown"))
+    with pytest.raises(TransientError, match="the last 10 images could not be read"):
+        watch.read_failed(TransientError("SlowDown"))
+
+
+def test_spool_folder_is_removed_after_success_and_after_failure(weights, images, tmp_path):
+    base = {"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "IMGSZ": "64", "WORK_DIR": str(tmp_path / "w")}
+    run_predict({**base, "INPUT_URI": str(images[0])}, tmp_path)
+    assert list((tmp_path / "w" / "predict").iterdir()) == []
+    (tmp_path / "empty").mkdir()
+    out = run_predict({**base, "INPUT_URI": str(tmp_path / "empty")}, tmp_path, code=2)  # fails after spooling began
+    assert "no images found" in out["stderr"]
+    assert list((tmp_path / "w" / "predict").iterdir()) == []
+
+
+def test_predict_logs_no_deprecation_warning(weights, images, tmp_path):
+    result = run_entry("predict.py", {"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "IMGSZ": "64",
+                                      "INPUT_URI": str(images[0]), "WORK_DIR": str(tmp_path / "w")}, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "deprecated" not in result.stderr.lower()
+
+
 def test_output_prefix_gets_the_document_and_annotated_images(s3_server, s3, bucket, weights, images, tmp_path):
     doc = run_predict(predict_env(s3_server, bucket, tmp_path, CHECKPOINT_URI=str(weights()), INPUT_URI=str(images[0].parent),
                                   PREDICT_OUTPUT_URI="predictions/run-1"), tmp_path)

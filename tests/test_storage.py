@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
+from pathlib import Path
 
-from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port
-from utils import BadInput, Location, Storage, StorageNotFound, StorageSettings, TransientError
+import pytest
+import yaml
+
+from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, spawn_server, with_group
+from utils import BadInput, Location, ObjectInfo, Storage, StorageNotFound, StorageSettings, TransientError
 
 
 @pytest.fixture
@@ -59,6 +62,32 @@ def test_listing_follows_pagination_past_1000_keys(storage, s3):
     assert len(keys) == 1005 and keys[0] == "many/00000.jpg" and keys[-1] == "many/01004.jpg"
 
 
+def test_listing_leaves_out_folder_markers(storage, s3):
+    for key in ("ds/", "ds/images/", "ds/images/a.jpg"):
+        s3.put_object(Bucket=storage.bucket, Key=key, Body=b"" if key.endswith("/") else b"jpg")
+    assert [loc.key for loc, _ in storage.list(storage.locate("ds/"))] == ["ds/images/a.jpg"]
+
+
+def test_prefix_dataset_with_folder_markers_is_downloaded_whole(storage, s3, s3_server, tmp_path):
+    import train
+    from tests.conftest import storage_env
+    from tests.sample_data import make_dataset
+    from utils import load_settings
+
+    root = make_dataset(tmp_path / "src", "detect", n_train=2, n_val=1)
+    for folder in ("", "images/", "images/train/", "labels/"):  # as a console's "create folder" writes them
+        s3.put_object(Bucket=storage.bucket, Key=f"datasets/marked/{folder}", Body=b"")
+    for f in sorted(root.rglob("*")):
+        if f.is_file():
+            s3.upload_file(str(f), storage.bucket, f"datasets/marked/{f.relative_to(root).as_posix()}")
+    settings = load_settings({**storage_env(s3_server, storage.bucket), "JOB_ID": "m1", "DATASET_URI": "datasets/marked/",
+                              "WORK_DIR": str(tmp_path / "work")})
+    data_yaml = train.download_dataset(storage, settings)
+    folder = Path(yaml.safe_load(data_yaml.read_text())["path"])
+    got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
+    assert got == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
 def test_s3_uri_with_another_bucket_is_honoured(storage):
     assert storage.locate("s3://elsewhere/a/b.pt") == Location("elsewhere", "a/b.pt")
     assert storage.locate("/a/b.pt") == Location(storage.bucket, "a/b.pt")
@@ -84,6 +113,140 @@ def test_unreachable_storage_is_transient(tmp_path):
     with pytest.raises(TransientError) as info:
         storage.head(storage.locate("x"))
     assert SECRET_KEY not in str(info.value)
+
+
+@pytest.fixture
+def proxied(s3_server, bucket, tmp_path):
+    """Factory: a Storage reaching the S3 server through tests/s3_fault_proxy.py, which records every
+    request and gives ETags as a store of that kind does (md5, kms, opaque); returns it and a
+    function counting the requests of a method for a key."""
+    procs = []
+
+    def start(etags: str):
+        record = tmp_path / f"requests-{etags}.log"
+        proc, url = spawn_server("tests.s3_fault_proxy", "--upstream", s3_server, "--fail-rate", "0", "--record",
+                                 str(record), "--log-requests", "--etags", etags)
+        procs.append(proc)
+
+        def count(method: str, key: str) -> int:
+            lines = record.read_text().splitlines() if record.exists() else []
+            return sum(line.split("?")[0] == f"REQ {method} /{bucket}/{key}" for line in lines)
+
+        return Storage(StorageSettings("minio", bucket, url, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=2)), count
+
+    yield start
+    for proc in procs:
+        with_group(proc, 15)
+        proc.wait(10)
+
+
+def put_without_checksum(s3_server, bucket, key, data):
+    """As a client that sends no checksum writes it (the store then keeps none)."""
+    import boto3
+    from botocore.config import Config
+
+    client = boto3.client("s3", endpoint_url=s3_server, aws_access_key_id=ACCESS_KEY, aws_secret_access_key=SECRET_KEY,
+                          region_name="us-east-1", config=Config(s3={"addressing_style": "path"},
+                                                                 request_checksum_calculation="when_required"))
+    client.put_object(Bucket=bucket, Key=key, Body=data)
+
+
+@pytest.mark.parametrize("etags,kind", [("kms", "no-checksum"), ("kms", "crc32"), ("md5", "multipart")])
+def test_object_whose_etag_is_no_md5_is_downloaded_once(proxied, s3, s3_server, bucket, tmp_path, etags, kind):
+    data = bytes(range(256)) * 4096 * (6 if kind == "multipart" else 1)  # 1 MB, or 6 MB in two parts
+    if kind == "no-checksum":  # SSE-KMS: S3's ETag is no MD5, and no checksum to verify against: size only
+        put_without_checksum(s3_server, bucket, "obj", data)
+    elif kind == "crc32":  # SSE-KMS, but the store keeps a CRC32: verified with it
+        s3.put_object(Bucket=bucket, Key="obj", Body=data, ChecksumAlgorithm="CRC32")
+    else:  # a multipart ETag ('<md5 of the part MD5s>-2'): size only
+        upload = s3.create_multipart_upload(Bucket=bucket, Key="obj")["UploadId"]
+        parts = [s3.upload_part(Bucket=bucket, Key="obj", UploadId=upload, PartNumber=n, Body=chunk)["ETag"]
+                 for n, chunk in ((1, data[: 5 << 20]), (2, data[5 << 20:]))]
+        s3.complete_multipart_upload(Bucket=bucket, Key="obj", UploadId=upload, MultipartUpload={
+            "Parts": [{"ETag": etag, "PartNumber": n} for n, etag in enumerate(parts, 1)]})
+    storage, count = proxied(etags)
+    storage.download(storage.locate("obj"), tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == data
+    assert count("GET", "obj") == 1
+
+
+def test_download_not_matching_the_stores_checksum_is_transient(storage, s3, tmp_path):
+    s3.put_object(Bucket=storage.bucket, Key="obj", Body=b"payload", ChecksumAlgorithm="SHA256")
+    info = storage.head(storage.locate("obj"))
+    assert info.digest[0] == "sha256"
+    wrong = ObjectInfo(info.size, info.etag, ("sha256", "AAAA" + info.digest[1][4:]))
+    with pytest.raises(TransientError, match="is corrupt: sha256 .* != AAAA"):
+        storage.download(storage.locate("obj"), tmp_path / "out", wrong)
+    assert not (tmp_path / "out").exists()
+
+
+def test_listed_encrypted_object_is_downloaded_once(proxied, s3_server, bucket, tmp_path):
+    put_without_checksum(s3_server, bucket, "ds/a.jpg", b"x" * 5000)
+    storage, count = proxied("kms")
+    ((loc, info),) = storage.list(storage.locate("ds/"))  # a listing says nothing of encryption
+    storage.download(loc, tmp_path / "a.jpg", info)  # so the mismatch is checked with the object's HEAD
+    assert count("GET", "ds/a.jpg") == 1 and count("HEAD", "ds/a.jpg") == 1
+
+
+def test_upload_to_an_encrypting_store_is_sent_once(proxied, tmp_path):
+    (tmp_path / "best.pt").write_bytes(b"w" * 70_000)
+    storage, count = proxied("kms")
+    storage.upload(tmp_path / "best.pt", storage.locate("checkpoints/job-1/best.pt"))
+    assert count("PUT", "checkpoints/job-1/best.pt") == 1
+
+
+def test_store_whose_etags_only_look_like_md5s_costs_one_extra_download_once(proxied, s3_server, bucket, tmp_path):
+    for key in ("a", "b"):
+        put_without_checksum(s3_server, bucket, key, key.encode() * 3000)
+    storage, count = proxied("opaque")  # no header says so: only a second identical download tells
+    storage.download(storage.locate("a"), tmp_path / "a")
+    storage.download(storage.locate("b"), tmp_path / "b")
+    assert (count("GET", "a"), count("GET", "b")) == (2, 1)
+    assert (tmp_path / "b").read_bytes() == b"b" * 3000
+
+
+@pytest.fixture
+def skewed_s3():
+    """An S3 stand-in for a node whose clock is an hour slow: every request is refused with S3's
+    RequestTimeTooSkewed (403), and the Date header carries the server's time, an hour ahead."""
+    import threading
+    import time
+    from email.utils import formatdate
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    body = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>RequestTimeTooSkewed</Code><Message>The '
+            b"difference between the request time and the current time is too large.</Message></Error>")
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def date_time_string(self, timestamp=None):
+            return formatdate(time.time() + 3600, usegmt=True)
+
+        def _refuse(self):
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(403)
+            self.send_header("Content-Type", "application/xml")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(body)
+
+        do_GET = do_HEAD = do_PUT = do_POST = _refuse
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}"
+    server.shutdown()
+
+
+def test_clock_skew_is_transient_and_names_the_node_clock(skewed_s3):
+    storage = Storage(StorageSettings("minio", "b", skewed_s3, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=1))
+    with pytest.raises(TransientError, match="RequestTimeTooSkewed: this node's clock is 60 minutes behind"):
+        storage.read_bytes(storage.locate("x.jpg"))  # a GET: the error code says it
+    with pytest.raises(TransientError, match="403: this node's clock is 60 minutes behind the storage server's"):
+        storage.head(storage.locate("x.jpg"))  # a HEAD has no error body: the server's Date says it
 
 
 def test_local_storage_keeps_the_same_layout(tmp_path):

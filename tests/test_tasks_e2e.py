@@ -186,6 +186,30 @@ def test_unpacked_prefix_with_txt_lists_names_mapping_and_no_val_then_fine_tunin
     assert moved == total  # every weight of the previous checkpoint (same classes) was loaded
 
 
+def test_segmentation_of_four_corner_polygons_trains(space, receiver, tmp_path):
+    """Labels of 9 values (class and 4 points) are also oriented boxes: the explicit task decides."""
+    s3, bucket = space["s3"], space["bucket"]
+    source = make_dataset(tmp_path / "ds", "segment", n_train=8, n_val=4)
+    for label in source.rglob("labels/*/*.txt"):  # every polygon becomes the 4 corners around it
+        lines = []
+        for line in label.read_text().split("\n"):
+            if line.strip():
+                cls, *xy = line.split()
+                xs, ys = [float(v) for v in xy[0::2]], [float(v) for v in xy[1::2]]
+                corners = [(min(xs), min(ys)), (max(xs), min(ys)), (max(xs), max(ys)), (min(xs), max(ys))]
+                lines.append(" ".join([cls] + [f"{v:.6f}" for point in corners for v in point]))
+        label.write_text("\n".join(lines) + "\n")
+    s3.upload_file(str(make_zip(source, tmp_path / "quads.zip")), bucket, "datasets/quads.zip")
+    job_id = f"quad{uuid.uuid4().hex[:6]}"
+    env = job_env(space, receiver, tmp_path, job_id, EPOCHS="1", TASK_TYPE="instance_segmentation",
+                  MODEL_NAME="yolo11n-seg.yaml", DATASET_ID="quads", MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'ml.db'}")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "the dataset is ambiguous" in result.stderr and "training segment as TASK_TYPE says" in result.stderr
+    assert receiver.bodies("status")[-1]["status"] == "completed"
+    assert {r["task"] for r in receiver.bodies("validation-results")} == {"segment"}
+
+
 @pytest.mark.parametrize("model,task_type,dataset,message", [
     ("yolo11n-seg.yaml", "classification", "detect",
      r"TASK_TYPE asks for classify, but MODEL_NAME=yolo11n-seg\.yaml is a segment model"),

@@ -7,7 +7,8 @@ import signal
 import pytest
 
 from tests.conftest import ACCESS_KEY, AUTH_TOKEN, SECRET_KEY, Receiver, spawn_server, with_group
-from utils import Backend, BackendSettings, BadInput, Redactor, Storage, StorageSettings, load_settings
+from utils import (Backend, BackendSettings, BadInput, Redactor, Storage, StorageSettings, TransientError,
+                   load_settings)
 
 
 @pytest.fixture
@@ -41,6 +42,47 @@ def https_s3(s3_server, tls_cert, tmp_path):
 def test_storage_refuses_an_untrusted_certificate_as_bad_configuration(https_s3, bucket):
     storage = Storage(StorageSettings("minio", bucket, https_s3, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=1))
     with pytest.raises(BadInput, match="TLS certificate of https://127.0.0.1:\\d+ is not trusted"):
+        storage.head(storage.locate("x"))
+
+
+@pytest.fixture
+def broken_tls_endpoint():
+    """Factory: an https:// endpoint whose TCP server resets every handshake ('close': accepts and
+    closes at once) or answers it with plain text ('garbage'), as a restarting proxy may."""
+    import socket
+    import threading
+
+    servers = []
+
+    def start(mode: str) -> str:
+        server = socket.create_server(("127.0.0.1", 0))
+        servers.append(server)
+
+        def serve() -> None:
+            while True:
+                try:
+                    conn, _ = server.accept()
+                except OSError:
+                    return
+                with conn:
+                    if mode == "garbage":
+                        conn.recv(1024)
+                        conn.sendall(b"HTTP/1.1 200 OK\r\n\r\nthis is not TLS" * 20)
+
+        threading.Thread(target=serve, daemon=True).start()
+        return f"https://127.0.0.1:{server.getsockname()[1]}"
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+@pytest.mark.parametrize("mode", ["close", "garbage"])
+def test_storage_treats_a_reset_tls_handshake_as_transient(broken_tls_endpoint, mode):
+    endpoint = broken_tls_endpoint(mode)
+    storage = Storage(StorageSettings("minio", "b", endpoint, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=1,
+                                      timeout=2))
+    with pytest.raises(TransientError, match=f"TLS handshake with {endpoint} failed while trying to look up"):
         storage.head(storage.locate("x"))
 
 
