@@ -12,7 +12,8 @@ WORKDIR /app
 COPY requirements.txt .
 RUN pip install --no-cache-dir -r requirements.txt
 
-COPY utils.py cache.py train.py predict.py ./
+# every top-level module: the trainer is flat, one module per concern
+COPY *.py ./
 
 # Run as an unprivileged user; /work holds datasets, weights and run outputs (mount a volume there).
 RUN useradd --create-home --uid 10001 trainer && mkdir -p /work && chown trainer /work

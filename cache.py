@@ -40,7 +40,8 @@ from typing import Callable
 
 from filelock import FileLock
 
-from utils import Settings, human_size
+from config import Settings
+from utils import human_size
 
 LOGGER = logging.getLogger("trainer")
 

@@ -33,25 +33,11 @@ from typing import Callable, Iterator
 
 from dotenv import load_dotenv
 
-from utils import (
-    EXIT_ERROR,
-    EXIT_OK,
-    IMAGE_SUFFIXES,
-    BadInput,
-    Redactor,
-    Settings,
-    Storage,
-    StorageNotFound,
-    TrainerError,
-    TransientError,
-    available_cpus,
-    default_device,
-    fetch_file,
-    load_settings,
-    log_configuration,
-    prepare_ultralytics,
-    setup_logging,
-)
+from config import Settings, load_settings, log_configuration
+from datasets import IMAGE_SUFFIXES
+from models import default_device, prepare_ultralytics
+from storage import Storage, StorageNotFound, fetch_file
+from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, TransientError, available_cpus, setup_logging
 
 LOGGER = logging.getLogger("trainer.predict")
 

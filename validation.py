@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from utils import PLATFORM_TASKS
+from config import PLATFORM_TASKS
 
 LOGGER = logging.getLogger("trainer")
 

@@ -62,7 +62,7 @@ def measure(task: str, folder: Path, args) -> list[tuple[int, float, float, floa
     for event, hook in (("on_val_start", on_val_start), ("on_val_end", on_val_end),
                         ("on_fit_epoch_end", on_fit_epoch_end)):
         model.add_callback(event, hook)
-    from utils import resolve_data_yaml
+    from datasets import resolve_data_yaml
 
     data = root if task == "classify" else resolve_data_yaml(root, folder / f"{task}.yaml")[0]
     model.train(data=str(data), epochs=args.epochs, imgsz=args.imgsz, batch=16, workers=0, device="cpu",
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("YOLO_OFFLINE", "1")
     with tempfile.TemporaryDirectory() as tmp:
-        from utils import prepare_ultralytics
+        from models import prepare_ultralytics
 
         prepare_ultralytics(Path(tmp))
         results = {task: measure(task, Path(tmp), args) for task in args.tasks.split(",")}

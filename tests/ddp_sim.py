@@ -19,9 +19,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def parent(out: Path) -> None:
-    import __main__
-
     import cloudpickle
+
+    import __main__
 
     sys.path.insert(0, str(ROOT))
     source = (ROOT / "train.py").read_text().replace('if __name__ == "__main__":', "if False:")

@@ -25,11 +25,11 @@ import argparse
 import hashlib
 import http.client
 import os
-import time
 import random
 import re
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 

@@ -357,8 +357,9 @@ def test_without_a_tracking_uri_mlflow_writes_only_under_the_work_folder(s3_serv
 def test_run_is_ended_after_a_tracking_failure_switched_tracking_off(tmp_path):
     from mlflow import MlflowClient
 
-    from train import Tracker
-    from utils import Redactor, load_settings
+    from config import load_settings
+    from tracking import Tracker
+    from utils import Redactor
 
     settings = load_settings({"JOB_ID": "t1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path)})
     tracker = Tracker(settings, Redactor([]))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import re
 import signal
 import time
 import uuid
@@ -377,8 +376,11 @@ def test_a_completed_job_started_again_reports_completed_and_trains_nothing(worl
 def test_a_damaged_checkpoint_never_replaces_the_good_one_in_storage(tmp_path):
     """Multi-GPU: SIGTERM may reach a DDP worker while it writes last.pt; what it leaves is checked
     before it replaces the stored checkpoint."""
-    from train import CheckpointUploader
-    from utils import Backend, BackendSettings, Redactor, Storage, StorageSettings, load_settings
+    from backend import Backend
+    from config import BackendSettings, load_settings
+    from reporting import CheckpointUploader
+    from storage import Storage
+    from utils import Redactor
 
     settings = load_settings({"JOB_ID": "ddp1", "DATASET_ID": "d", "STORAGE_TYPE": "local",
                               "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work")})

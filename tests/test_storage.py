@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from config import StorageSettings
+from storage import Location, ObjectInfo, Storage, StorageNotFound
 from tests.conftest import ACCESS_KEY, SECRET_KEY, free_port, spawn_server, with_group
-from utils import BadInput, Location, ObjectInfo, Storage, StorageNotFound, StorageSettings, TransientError
+from utils import BadInput, TransientError
 
 
 @pytest.fixture
@@ -69,10 +71,10 @@ def test_listing_leaves_out_folder_markers(storage, s3):
 
 
 def test_prefix_dataset_with_folder_markers_is_downloaded_whole(storage, s3, s3_server, tmp_path):
-    import train
+    import datasets
+    from config import load_settings
     from tests.conftest import storage_env
     from tests.sample_data import make_dataset
-    from utils import load_settings
 
     root = make_dataset(tmp_path / "src", "detect", n_train=2, n_val=1)
     for folder in ("", "images/", "images/train/", "labels/"):  # as a console's "create folder" writes them
@@ -82,7 +84,7 @@ def test_prefix_dataset_with_folder_markers_is_downloaded_whole(storage, s3, s3_
             s3.upload_file(str(f), storage.bucket, f"datasets/marked/{f.relative_to(root).as_posix()}")
     settings = load_settings({**storage_env(s3_server, storage.bucket), "JOB_ID": "m1", "DATASET_URI": "datasets/marked/",
                               "WORK_DIR": str(tmp_path / "work")})
-    data_yaml = train.download_dataset(storage, settings)
+    data_yaml, _ = datasets.download_dataset(storage, settings)
     folder = Path(yaml.safe_load(data_yaml.read_text())["path"])
     got = sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file())
     assert got == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())

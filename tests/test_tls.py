@@ -6,9 +6,11 @@ import signal
 
 import pytest
 
+from backend import Backend
+from config import BackendSettings, StorageSettings, load_settings
+from storage import Storage
 from tests.conftest import ACCESS_KEY, AUTH_TOKEN, SECRET_KEY, Receiver, spawn_server, with_group
-from utils import (Backend, BackendSettings, BadInput, Redactor, Storage, StorageSettings, TransientError,
-                   load_settings)
+from utils import BadInput, Redactor, TransientError
 
 
 @pytest.fixture
@@ -108,7 +110,7 @@ def test_tls_settings_reach_storage_and_backend(tls_cert):
 def test_turning_verification_off_is_logged_as_a_warning(caplog):
     import logging
 
-    from utils import log_configuration
+    from config import log_configuration
 
     caplog.set_level(logging.INFO)
     log_configuration(load_settings({"JOB_ID": "1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "TLS_VERIFY": "off"}))

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 import cache
+from config import load_settings
 from tests.conftest import (
     FAST_TRAINING,
     PYTHON,
@@ -31,7 +32,6 @@ from tests.conftest import (
     with_group,
 )
 from tests.sample_data import make_dataset, make_zip
-from utils import load_settings
 
 # What a job may leave in WORK_DIR: the shared caches and stores, nothing of its own.
 SETTINGS_DIRS = {"ultralytics", "matplotlib"}

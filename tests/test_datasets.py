@@ -12,8 +12,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from archives import extract_archive
+from datasets import find_dataset_root, resolve_data_yaml
 from tests.sample_data import make_dataset, make_zip
-from utils import BadInput, extract_archive, find_dataset_root, resolve_data_yaml
+from utils import BadInput
 
 
 @pytest.fixture(scope="module")
@@ -172,20 +174,20 @@ def test_an_entry_that_cannot_be_written_is_bad_input_naming_it(tmp_path):
     ("detect", "0 nan 0.5 0.2 0.2", "coordinate nan is outside"),
 ])
 def test_label_lines_are_checked_for_the_task(task, line, problem):
-    from utils import _label_problem
+    from dataset_check import _label_problem
 
     assert problem in _label_problem(line.split(), task, classes=2, kpt=[4, 3])
 
 
 def test_pose_visibility_flags_are_not_coordinates():
-    from utils import _label_problem
+    from dataset_check import _label_problem
 
     line = "0 0.5 0.5 0.2 0.2 " + " ".join(["0.1 0.1 2"] * 4)
     assert _label_problem(line.split(), "pose", classes=1, kpt=[4, 3]) is None
 
 
 def test_sample_datasets_of_every_task_pass_the_check(tmp_path):
-    from utils import check_dataset
+    from dataset_check import check_dataset
 
     for task in ("detect", "segment", "pose", "obb"):
         root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
@@ -195,7 +197,7 @@ def test_sample_datasets_of_every_task_pass_the_check(tmp_path):
 
 
 def test_report_shows_ten_examples_then_a_count():
-    from utils import DatasetReport
+    from dataset_check import DatasetReport
 
     report = DatasetReport()
     for i in range(25):
@@ -206,7 +208,7 @@ def test_report_shows_ten_examples_then_a_count():
 
 
 def test_report_memory_stays_bounded_however_many_problems():
-    from utils import DatasetReport
+    from dataset_check import DatasetReport
 
     report = DatasetReport()
     for i in range(2_000_000):
@@ -219,7 +221,7 @@ def test_report_memory_stays_bounded_however_many_problems():
 def test_label_file_is_read_line_by_line_in_bounded_memory(tmp_path):
     import tracemalloc
 
-    from utils import MAX_LABEL_LINE, DatasetReport, _check_label_file
+    from dataset_check import MAX_LABEL_LINE, DatasetReport, _check_label_file
 
     label = tmp_path / "labels" / "train" / "big.txt"
     label.parent.mkdir(parents=True)
@@ -271,7 +273,7 @@ def test_list_naming_missing_images_is_bad_input(tmp_path):
 
 
 def test_classification_with_only_train_gets_a_val_folder_of_links(tmp_path):
-    from utils import prepare_classification
+    from datasets import prepare_classification
 
     folder = make_dataset(tmp_path / "c", "classify", n_train=20, n_val=1)
     import shutil as _shutil
@@ -286,7 +288,7 @@ def test_classification_with_only_train_gets_a_val_folder_of_links(tmp_path):
 
 @pytest.mark.parametrize("task", ["detect", "segment", "pose", "obb", "classify"])
 def test_dataset_task_is_recognised(task, tmp_path):
-    from utils import dataset_task
+    from dataset_check import dataset_task
 
     root = make_dataset(tmp_path / task, task, n_train=3, n_val=2)
     data = root if task == "classify" else resolve_data_yaml(root, tmp_path / "d.yaml")[0]
@@ -319,7 +321,7 @@ def labelled(folder: Path, *files: list[str]) -> Path:
     ([[BOX], [BOX, BOX]], {"detect"}, "detect"),
 ])
 def test_dataset_task_votes_over_every_label_file(tmp_path, lines, fits, vote):
-    from utils import dataset_task
+    from dataset_check import dataset_task
 
     shape = dataset_task(labelled(tmp_path, *lines))
     assert (set(shape.fits), shape.task) == (fits, vote)
@@ -337,8 +339,8 @@ def test_dataset_task_votes_over_every_label_file(tmp_path, lines, fits, vote):
 ])
 def test_task_resolution_explicit_settings_win_and_ambiguity_never_contradicts(tmp_path, caplog, task_type, model,
                                                                                lines, expected):
-    import train
-    from utils import load_settings
+    import models
+    from config import load_settings
 
     if model == "<unreadable.pt>":
         model = str(tmp_path / "unreadable.pt")
@@ -349,16 +351,16 @@ def test_task_resolution_explicit_settings_win_and_ambiguity_never_contradicts(t
     caplog.set_level("INFO", logger="trainer")
     if expected.startswith("the dataset"):
         with pytest.raises(BadInput, match=expected):
-            train.resolve_task(settings, model, data)
+            models.resolve_task(settings, model, data)
         return
-    assert train.resolve_task(settings, model, data) == expected
+    assert models.resolve_task(settings, model, data) == expected
     if any(line[0] in (RECTANGLE, DIAMOND, QUADRILATERAL) for line in lines) and not any(POLYGON in f for f in lines):
         assert "the dataset is ambiguous: its labels have 9 values, which fit both oriented boxes and 4-point " \
                "polygons" in caplog.text
 
 
 def test_segment_labels_of_four_points_pass_the_check():
-    from utils import _label_problem
+    from dataset_check import _label_problem
 
     assert _label_problem(QUADRILATERAL.split(), "segment", classes=2, kpt=None) is None
     assert _label_problem(RECTANGLE.split(), "obb", classes=2, kpt=None) is None

@@ -8,8 +8,10 @@ import time
 
 import pytest
 
+from backend import Backend, _retry_after
+from config import BackendSettings
 from tests.conftest import AUTH_TOKEN, free_port
-from utils import Backend, BackendSettings, Redactor, _retry_after
+from utils import Redactor
 
 
 def result(epoch: int, total: int = 3, **metrics) -> dict:

@@ -1,0 +1,402 @@
+"""Ultralytics callbacks and the job's stop signal: what happens while Ultralytics trains.
+
+Owns: StopSignal (SIGTERM, SIGINT and the backend's cancellation, acted on at safe points, with
+one shutdown deadline), the background CheckpointUploader (checkpoints checked whole before they
+replace the stored ones), and EpochReporter, which turns each epoch into the contract's callbacks
+(sent once the epoch's last.pt is in storage) and MLflow points. The reporter survives
+Ultralytics' multi-GPU relaunch: it is pickled into the DDP workers, where it makes its own clients.
+Environment (through Settings): CHECKPOINT_INTERVAL, SHUTDOWN_TIMEOUT, VALIDATION_IMAGES,
+VALIDATION_CONF; RANK (set by torch.distributed in DDP workers).
+Imports: utils, config, storage, backend, tracking, validation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Callable
+
+from backend import Backend
+from config import Settings, job_dir
+from storage import Storage
+from tracking import Tracker
+from utils import EXIT_CANCELLED, Cancelled, Redactor, within
+from validation import ValidationCapture, contract_metrics, epoch_report, finite_floats, sequential_val_loader
+
+LOGGER = logging.getLogger("trainer")
+
+class StopSignal:
+    """Where SIGTERM/SIGINT and the backend's cancellation meet the job.
+
+    The signal handler only records the request; the job acts on it at safe points: between
+    setup steps, in storage transfers (their progress callback), and after a training or
+    validation batch, never while Ultralytics writes a checkpoint. (Raising from the handler is
+    unsafe: inside a boto3 request botocore takes the exception for a network fault and retries.)
+
+    From the request on, one deadline, SHUTDOWN_TIMEOUT after it, bounds everything the job still
+    does: each clean-up step gets what is left, and a watchdog thread ends the process at the
+    deadline if a step will not, after `on_deadline` (the job's last report) had its last seconds.
+    Phases: setup and training (a stop raises Cancelled at the next safe point), ddp (the workers
+    are told to stop), finishing (training is over: the job completes if it can before the
+    deadline), cleanup (the job is reporting how it ended).
+    """
+
+    LAST_WORDS = 3.0  # seconds the watchdog keeps before the deadline for the job's last report
+
+    def __init__(self, timeout: float):
+        self.timeout = timeout
+        self.reason: str | None = None
+        self.phase = "setup"
+        self.deadline: float | None = None
+        self.on_deadline: Callable[[], None] | None = None
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def request(self, reason: str) -> None:
+        if self.reason is not None:
+            return
+        self.reason = reason
+        self.deadline = time.monotonic() + self.timeout
+        LOGGER.warning("stop requested (%s) during %s; exiting within %g s", reason, self.phase, self.timeout)
+        threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
+        if self.phase == "ddp":
+            stop_workers()
+
+    def check(self) -> None:
+        """Raise Cancelled if a stop was requested and this phase may stop."""
+        if self.reason and self.phase in ("setup", "training"):
+            raise Cancelled(self.reason)
+
+    def remaining(self, reserve: float = 0.0, default: float = math.inf) -> float:
+        """Seconds left before the deadline, less `reserve`; `default` when no stop was requested."""
+        if self.deadline is None:
+            return default
+        return max(0.0, self.deadline - time.monotonic() - reserve)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        self.request(f"received {signal.Signals(signum).name}")
+
+    def _watchdog(self) -> None:
+        time.sleep(self.remaining(self.LAST_WORDS))
+        LOGGER.error("shutdown did not finish within SHUTDOWN_TIMEOUT=%g s; exiting now", self.timeout)
+        if self.on_deadline:
+            within(self.remaining(0.5), self.on_deadline)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_CANCELLED)
+
+
+def stop_workers() -> None:
+    """Multi-GPU: SIGTERM to the torch.distributed launcher and its workers, our child processes."""
+    import psutil
+
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            child.terminate()
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint file must not replace the one in storage, or None. torch saves a zip archive
+    whose directory is written last: a half-written file has none, a damaged one fails its CRCs.
+    Checked whole, without unpickling (which would run code from the file)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as zf:
+            bad = zf.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
+        return f"not a complete checkpoint ({type(e).__name__}: {e})"
+    return f"a damaged checkpoint (entry {bad} fails its CRC)" if bad else None
+
+
+class CheckpointUploader:
+    """Uploads the latest checkpoint files in the background, one file at a time.
+
+    `submit` copies each file to a staging folder first (Ultralytics rewrites last.pt in
+    place each epoch), and a newer copy of a file replaces an older one still waiting: uploads
+    never pile up and never run twice at once for the same file.
+    """
+
+    def __init__(self, storage: Storage, settings: Settings, backend: Backend,
+                 on_stored: Callable[[int], None] | None = None):
+        self.storage = storage
+        self.prefix = settings.checkpoint_prefix
+        self.backend = backend
+        self.on_stored = on_stored  # called with the epoch once that epoch's last.pt is in storage
+        self.staging = job_dir(settings) / "staging"
+        shutil.rmtree(self.staging, ignore_errors=True)
+        self.staging.mkdir(parents=True)
+        self._pending: dict[str, tuple[Path, int]] = {}
+        self._busy = False
+        self._cond = threading.Condition()
+        self._count = 0
+        threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True).start()
+
+    def submit(self, files: dict[str, Path], epoch: int) -> None:
+        for name, path in files.items():
+            if not path.is_file():
+                continue
+            self._count += 1
+            staged = self.staging / f"{self._count:06d}-{name}"
+            shutil.copyfile(path, staged)
+            with self._cond:
+                old = self._pending.pop(name, None)
+                if old:
+                    old[0].unlink(missing_ok=True)
+                self._pending[name] = (staged, epoch)
+                self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Until everything submitted is uploaded; False if the timeout came first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending)
+                batch = dict(self._pending)  # everything submitted so far, one upload per file
+                self._pending.clear()
+                self._busy = True
+            uploaded = []
+            for name, (staged, _) in batch.items():
+                try:
+                    if name.endswith(".pt") and (problem := checkpoint_problem(staged)):
+                        LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
+                        continue
+                    self.storage.upload(staged, self.storage.locate(self.prefix + name))
+                    uploaded.append(name)
+                except Exception as e:  # the final upload at the end tries again
+                    LOGGER.warning("background upload of %s failed: %s", name, e)
+                finally:
+                    staged.unlink(missing_ok=True)
+            checkpoints = [n for n in uploaded if n.endswith(".pt")]
+            if checkpoints:
+                epoch = max(batch[n][1] for n in checkpoints)
+                self.backend.log(f"checkpoint {' and '.join(checkpoints)} of epoch {epoch} uploaded to "
+                                 f"{self.storage.uri(self.storage.locate(self.prefix))}", epoch=epoch)
+            if "last.pt" in uploaded and self.on_stored:
+                self.on_stored(batch["last.pt"][1])
+            with self._cond:
+                self._busy = False
+                self._cond.notify_all()
+
+
+class EpochReporter:
+    """Ultralytics callbacks: report each epoch, upload its checkpoints, stop on request.
+
+    After each epoch's validation it builds the contract's `validation-results` body (with the
+    per-image results taken from inside that validation, see validation.py) and `training-metrics`
+    row, and sends them once that epoch's `last.pt` is in storage: every `checkpoint_path` the
+    backend holds then resolves, and a job killed at any moment and started again resumes after the
+    last epoch the backend has seen, never reporting an epoch twice. Progress and MLflow go at once.
+
+    `on_fit_epoch_end` runs after every epoch and once more for the final evaluation of
+    best.pt; only the first kind follows an `on_train_epoch_end` for the same epoch, which
+    is how the final evaluation is told apart and kept as the job's final metrics.
+
+    Multi-GPU: Ultralytics pickles these callbacks (cloudpickle) into every DDP worker. The
+    live clients are not pickled: a worker makes its own backend sender, uploader and MLflow
+    client for the same run on first use, only rank 0 reports anything, and rank 0 flushes
+    what it queued when training ends.
+    """
+
+    def __init__(self, settings: Settings, redact: Redactor, backend: Backend, tracker: Tracker, stop: StopSignal):
+        self.settings = settings
+        self.redact = redact
+        self.event_log = backend.event_log
+        self.tracker = tracker
+        self.stop = stop
+        self.dataset_root: Path | None = None  # image names in per-image results are relative to it
+        self._backend: Backend | None = backend
+        self._uploader: CheckpointUploader | None = None
+        self._own_clients = False  # made in this process (a DDP worker): flushed at on_train_end
+        self.epochs_completed = 0
+        self.total_epochs = settings.epochs
+        self.last_metrics: dict = {}
+        self.final_metrics: dict | None = None
+        self._pending: tuple[int, dict] | None = None
+        self._capture: ValidationCapture | None = None
+        self._unsent: dict[int, tuple[dict, list, dict]] = {}  # epoch -> its reports, until its last.pt is stored
+        self._stored_epoch = 0
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_backend": None, "_uploader": None, "_capture": None, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
+    @property
+    def backend(self) -> Backend:
+        if self._backend is None:
+            self._backend = Backend(self.settings.backend, self.redact, self.event_log)
+            self._own_clients = True
+        return self._backend
+
+    @property
+    def uploader(self) -> CheckpointUploader:
+        if self._uploader is None:
+            self.use_storage(Storage(self.settings.storage))
+        return self._uploader
+
+    @property
+    def uploading(self) -> bool:
+        """True once checkpoint uploads have started (train.py's storage client is in use)."""
+        return self._uploader is not None
+
+    def use_storage(self, storage: Storage) -> None:
+        """Upload checkpoints with this storage client (train.py's own; a DDP worker makes one)."""
+        self._uploader = CheckpointUploader(storage, self.settings, self.backend, on_stored=self.checkpoint_stored)
+
+    @staticmethod
+    def reports() -> bool:
+        """Only one process reports: the single process, or rank 0 of a DDP run."""
+        return int(os.environ.get("RANK", -1)) in (-1, 0)
+
+    def callbacks(self) -> dict:
+        return {
+            "on_pretrain_routine_end": self.on_pretrain_routine_end,
+            "on_train_start": self.on_train_start,
+            "on_train_batch_end": self.on_batch_end,
+            "on_val_start": self.on_val_start,
+            "on_val_batch_end": self.on_batch_end,
+            "on_train_epoch_end": self.on_train_epoch_end,
+            "on_model_save": self.on_model_save,
+            "on_fit_epoch_end": self.on_fit_epoch_end,
+            "on_train_end": self.on_train_end,
+            "teardown": self.on_train_end,
+        }
+
+    def on_pretrain_routine_end(self, trainer) -> None:
+        self.total_epochs = trainer.epochs
+        self.epochs_completed = trainer.start_epoch
+        if trainer.args.task == "classify" and self.settings.validation_images:
+            sequential_val_loader(trainer)  # so per-image results can name their images
+        if not self.reports():
+            return
+        self.tracker.log_params({k: v for k, v in vars(trainer.args).items() if v is not None})
+        if trainer.start_epoch:
+            self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}",
+                             epoch=trainer.start_epoch + 1)
+
+    def on_train_start(self, trainer) -> None:
+        self.stop.check()
+        self.stop.phase = "training"
+
+    def on_batch_end(self, _) -> None:
+        self.stop.check()
+
+    def on_val_start(self, validator) -> None:
+        """An epoch's validation (not the final evaluation of best.pt): ride along to collect results."""
+        if not validator.training or not self.reports():
+            if self._capture:
+                self._capture.stop()
+            return
+        if self._capture is None:
+            self._capture = ValidationCapture(self.dataset_root, self.settings.validation_images,
+                                              self.settings.validation_conf)
+        self._capture.attach(validator)
+        self._capture.start()
+
+    def on_train_epoch_end(self, trainer) -> None:
+        train = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
+        self._pending = (trainer.epoch, finite_floats(train))
+
+    def on_model_save(self, trainer) -> None:
+        """Ultralytics just wrote last.pt (and best.pt if this epoch is the best): upload them."""
+        if not self.reports():
+            return
+        epoch = trainer.epoch + 1
+        files = {}
+        if epoch % self.settings.checkpoint_interval == 0 or trainer.stop:
+            files["last.pt"] = Path(trainer.last)
+        if trainer.best_fitness == trainer.fitness:
+            files["best.pt"] = Path(trainer.best)
+        if files:
+            files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.event_log})
+            self.uploader.submit(files, epoch)
+
+    def on_fit_epoch_end(self, trainer) -> None:
+        capture = self._capture
+        if capture:
+            capture.stop()
+        if self._pending is None or self._pending[0] != trainer.epoch:
+            self.final_metrics = contract_metrics(trainer.metrics or {}, None)
+            return
+        _, train = self._pending
+        self._pending = None
+        epoch, total = trainer.epoch + 1, trainer.epochs
+        metrics = contract_metrics(trainer.metrics or {}, trainer.fitness)
+        self.epochs_completed, self.total_epochs, self.last_metrics = epoch, total, metrics
+        if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
+            self.stop.phase = "finishing"
+        if not self.reports():
+            return
+        self.backend.poll_health_now()  # a cancellation pressed during the epoch is seen now
+        body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
+        self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total,
+                            **self.tracker.status_fields())
+        self.tracker.log_metrics(row["extra_metrics"], step=epoch)
+        if capture and capture.seconds:
+            LOGGER.debug("epoch %d: per-image results and confusion matrix took %.3f s of validation",
+                         epoch, capture.seconds)
+        with self._lock:
+            self._unsent[epoch] = (body, images, row)
+        self._send_stored()
+
+    def checkpoint_stored(self, epoch: int) -> None:
+        """last.pt holding `epoch` is in storage: that epoch and the ones before it may be reported."""
+        with self._lock:
+            self._stored_epoch = max(self._stored_epoch, epoch)
+        self._send_stored()
+
+    def _send_stored(self) -> None:
+        with self._lock:
+            ready = sorted(e for e in self._unsent if e <= self._stored_epoch)
+            reports = [self._unsent.pop(e) for e in ready]
+        if not reports:
+            return
+        storage = self.uploader.storage
+        checkpoint = storage.uri(storage.locate(self.settings.checkpoint_prefix + "last.pt"))
+        for body, images, row in reports:
+            self.backend.validation_results({**body, "checkpoint_path": checkpoint}, images)
+            self.backend.training_metrics({**row, "checkpoint_path": checkpoint})
+
+    def progress(self) -> float:
+        return 100.0 * self.epochs_completed / self.total_epochs if self.total_epochs else 0.0
+
+    def drop_unsent(self) -> None:
+        """The job ends without these epochs' last.pt in storage: they are not reported (a resumed
+        job trains them again)."""
+        with self._lock:
+            epochs, self._unsent = sorted(self._unsent), {}
+        if epochs:
+            LOGGER.info("epoch(s) %s not reported: their last.pt is not in storage (a resumed job trains them "
+                        "again)", ", ".join(map(str, epochs)))
+
+    def on_train_end(self, trainer) -> None:
+        """In a DDP worker, deliver what this process queued before it exits."""
+        if self._own_clients and self.reports():
+            if self._uploader:
+                self._uploader.wait(self.settings.shutdown_timeout)
+            self.backend.close()
+
+    def recover_from_files(self, trainer) -> None:
+        """After DDP training the epochs were reported by a worker: take the summary from its files."""
+        if self.epochs_completed:
+            return
+        rows = trainer.read_results_csv()
+        if rows.get("epoch"):
+            self.epochs_completed = int(rows["epoch"][-1])
+            self.last_metrics = contract_metrics({k: v[-1] for k, v in rows.items()
+                                                  if k.startswith(("metrics/", "val/"))}, None)

@@ -1,0 +1,432 @@
+"""One storage client for the job's bucket: MinIO, Cloudflare R2 or AWS S3 through boto3, or
+a local folder with the same layout.
+
+Owns: addressing (`s3://bucket/key` or a key in STORAGE_BUCKET), verified transfers (a download
+lands as a .part file renamed only once its size and checksum match; uploads are checked with a
+HEAD), listings across pages, and the classification of storage errors into bad input (missing,
+refused, an untrusted certificate) and transient failures (everything else).
+Environment (through config.StorageSettings): STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*,
+LOCAL_STORAGE_DIR, STORAGE_MAX_ATTEMPTS, STORAGE_TIMEOUT, STORAGE_CHECKSUM, TLS_CA_BUNDLE,
+TLS_VERIFY; AWS_* for STORAGE_TYPE=s3.
+Imports: utils, config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import logging
+import os
+import re
+import shutil
+import threading
+import time
+import zlib
+from pathlib import Path, PurePosixPath
+from typing import Any, Callable, Iterator, Mapping
+
+from config import StorageSettings
+from utils import BadInput, TransientError, human_size
+
+LOGGER = logging.getLogger("trainer")
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    bucket: str
+    key: str
+
+    @property
+    def name(self) -> str:
+        return PurePosixPath(self.key).name
+
+
+@dataclasses.dataclass(frozen=True)
+class ObjectInfo:
+    size: int
+    etag: str
+    digest: tuple[str, str] | None = None  # (algorithm, value) a transfer is verified against; None: size only
+    listed: bool = False  # from a listing, which says nothing of encryption: the object's HEAD has the last word
+
+
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}
+
+
+_REFUSED = {"AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+            "AllAccessDisabled", "InvalidBucketName", "401", "Unauthorized"}
+
+
+_CLOCK_SKEW = {"RequestTimeTooSkewed"}
+
+
+def _clock_skew(response: dict) -> float | None:
+    """Seconds the storage server's clock (its Date header) is ahead of this node's, when the gap is
+    past what S3 tolerates (15 minutes); None otherwise. A HEAD has no error body, so its plain 403
+    can only be told from refused credentials this way."""
+    from email.utils import parsedate_to_datetime
+
+    date = response.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    try:
+        skew = (parsedate_to_datetime(date) - dt.datetime.now(dt.timezone.utc)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+    return skew if abs(skew) > 15 * 60 else None
+
+
+def _certificate_refused(error: BaseException) -> bool:
+    """True when a TLS error is a failed certificate verification (bad configuration), not a
+    handshake that was reset or cut short (transient). Looks through the wrapped errors."""
+    import ssl
+
+    seen: list[BaseException] = []
+    while error is not None and error not in seen and len(seen) < 10:
+        seen.append(error)
+        if isinstance(error, ssl.SSLCertVerificationError) or "CERTIFICATE_VERIFY_FAILED" in str(error):
+            return True
+        kwargs = getattr(error, "kwargs", None)  # botocore keeps the original error there
+        wrapped = kwargs.get("error") if isinstance(kwargs, dict) else None
+        error = wrapped if isinstance(wrapped, BaseException) else error.__cause__ or error.__context__
+    return False
+
+
+class StorageNotFound(BadInput):
+    """The object or prefix does not exist."""
+
+
+class Storage:
+    """One client for the job's bucket: MinIO, R2, S3 through boto3, or a local folder."""
+
+    def __init__(self, settings: StorageSettings, interrupt: Callable[[], None] | None = None):
+        self.settings = settings
+        self.interrupt = interrupt  # called as transfers progress; what it raises (a stop) ends the transfer
+        self.bucket = settings.bucket
+        self._s3 = None if settings.type == "local" else self._client(settings)
+        self._buckets_seen: set[str] = set()
+        self._etags_not_md5 = False  # learnt from a store whose MD5-looking ETags are not MD5s (see _mismatch)
+
+    @staticmethod
+    def _client(s: StorageSettings):
+        import boto3
+        from botocore.config import Config
+
+        config = Config(
+            signature_version="s3v4",
+            s3={"addressing_style": "path" if s.type == "minio" else "auto"},
+            retries={"max_attempts": s.max_attempts, "mode": "standard"},
+            connect_timeout=min(s.timeout, 10),
+            read_timeout=s.timeout,
+            max_pool_connections=32,  # predict.py reads images from several threads
+            # boto3 >= 1.36 sends CRC checksums by default, which R2 and older MinIO reject.
+            request_checksum_calculation=s.checksum,
+            response_checksum_validation=s.checksum,
+        )
+        return boto3.session.Session().client(
+            "s3", endpoint_url=s.endpoint, aws_access_key_id=s.access_key, aws_secret_access_key=s.secret_key,
+            # None keeps boto3's own default (AWS_CA_BUNDLE, else its bundled CAs)
+            region_name=s.region, config=config, verify=None if s.verify is True else s.verify)
+
+    # -- addressing -------------------------------------------------------------------------
+
+    def locate(self, ref: str) -> Location:
+        """`s3://bucket/key` or a key in the job's bucket."""
+        if ref.startswith("s3://"):
+            bucket, _, key = ref[5:].partition("/")
+            if not bucket or not key:
+                raise BadInput(f"{ref!r} is not an s3://bucket/key URI")
+            return Location(bucket, key)
+        key = ref.lstrip("/")
+        if not key or ".." in PurePosixPath(key).parts:
+            raise BadInput(f"{ref!r} is not a valid storage key")
+        return Location(self.bucket, key)
+
+    def uri(self, loc: Location) -> str:
+        if self.settings.type == "local":
+            return self._path(loc).as_uri()
+        return f"s3://{loc.bucket}/{loc.key}"
+
+    def _path(self, loc: Location) -> Path:
+        return self.settings.local_dir / loc.bucket / loc.key
+
+    # -- operations ---------------------------------------------------------------------------
+
+    def head(self, loc: Location) -> ObjectInfo | None:
+        """Size and ETag of an object, None if it does not exist."""
+        if self._s3 is None:
+            path = self._path(loc)
+            if not path.is_file():
+                return None
+            st = path.stat()
+            return ObjectInfo(st.st_size, f"{st.st_size:x}-{st.st_mtime_ns:x}")
+        try:
+            with self._errors("look up", loc):
+                # ChecksumMode: the full-object checksum the store keeps, if it keeps one
+                meta = self._s3.head_object(Bucket=loc.bucket, Key=loc.key, ChecksumMode="ENABLED")
+        except StorageNotFound:
+            self._check_bucket(loc)  # a HEAD cannot tell a missing object from a missing bucket
+            return None
+        etag = meta.get("ETag", "").strip('"')
+        return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
+
+    def _check_bucket(self, loc: Location) -> None:
+        if loc.bucket in self._buckets_seen:
+            return
+        try:
+            with self._errors("look up", Location(loc.bucket, "")):
+                self._s3.head_bucket(Bucket=loc.bucket)
+        except StorageNotFound:
+            raise BadInput(f"bucket {loc.bucket} does not exist (check STORAGE_BUCKET and the URIs)") from None
+        self._buckets_seen.add(loc.bucket)
+
+    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False) -> Path:
+        """Download to dest atomically: a .part file, renamed once its size and digest are verified.
+
+        The digest is the store's full-object checksum (SHA-256, SHA-1, CRC32) where it keeps one,
+        else the ETag where that is the content's MD5 (a plain single-part ETag of an object without
+        KMS or customer-key encryption), else there is none and the size check stands alone: an
+        object whose ETag cannot be an MD5 is transferred once. A mismatch downloads again, a
+        second one fails as transient. See _mismatch for a store whose ETags only look like MD5s.
+        """
+        info = info or self.head(loc)
+        if info is None:
+            raise StorageNotFound(f"{self.uri(loc)} does not exist")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
+        log = LOGGER.debug if quiet else LOGGER.info
+        log("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
+        start, previous = time.monotonic(), None
+        try:
+            for attempt in (1, 2):
+                if self._s3 is None:
+                    shutil.copyfile(self._path(loc), part)
+                else:
+                    with self._errors("download", loc):
+                        self._s3.download_file(loc.bucket, loc.key, str(part), Callback=self._progress)
+                got = part.stat().st_size
+                if got != info.size:
+                    raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
+                problem, previous = self._mismatch(part, info, previous)
+                if problem and info.listed:  # a listing's ETag may be an encrypted object's: ask the object
+                    info = self.head(loc) or info
+                    problem, previous = self._mismatch(part, info, None)
+                if not problem:
+                    break
+                if attempt == 2:
+                    raise TransientError(f"download of {self.uri(loc)} is corrupt: {problem}")
+                LOGGER.warning("download of %s does not match (%s); downloading again", self.uri(loc), problem)
+            os.replace(part, dest)
+        finally:
+            part.unlink(missing_ok=True)
+        log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
+        return dest
+
+    def _progress(self, _bytes: int) -> None:
+        """boto3's transfer callback: a safe point to stop at (the exception ends the transfer)."""
+        if self.interrupt:
+            self.interrupt()
+
+    def _mismatch(self, path: Path, info: ObjectInfo, previous: str | None) -> tuple[str | None, str | None]:
+        """(why path is not the object's content or None, the MD5 computed for the next call).
+
+        Some gateways give ETags that look like MD5s but are not, and say nothing of it: when two
+        transfers give the same bytes and the same mismatch, the ETag is no MD5, the size check
+        stands alone, and the store is remembered as such for the rest of the process.
+        """
+        if info.digest is None or (info.digest[0] == "md5" and self._etags_not_md5):
+            return None, None
+        algorithm, expected = info.digest
+        got = file_digest(path, algorithm)
+        if got == expected:
+            return None, None
+        if algorithm == "md5" and got == previous:
+            self._etags_not_md5 = True
+            LOGGER.warning("two transfers gave the same bytes and the same mismatch: this store's ETags are not "
+                           "MD5s of the content; verifying sizes only from now on")
+            return None, None
+        return f"{algorithm} {got} != {expected}", got
+
+    def fetch(self, loc: Location, dest: Path) -> Path:
+        """Download unless dest already holds this exact object (same ETag), e.g. after a restart."""
+        info = self.head(loc)
+        if info is None:
+            raise StorageNotFound(f"{self.uri(loc)} does not exist")
+        stamp = dest.with_name(dest.name + ".etag")
+        if dest.is_file() and stamp.is_file() and stamp.read_text() == info.etag and dest.stat().st_size == info.size:
+            LOGGER.info("using cached %s for %s", dest, self.uri(loc))
+            return dest
+        self.download(loc, dest, info)
+        stamp.write_text(info.etag)
+        return dest
+
+    def upload(self, path: Path, loc: Location) -> str:
+        """Upload a file and verify what the store holds (size, and MD5 where the ETag is one).
+
+        Readers see the old object or the whole new one, never a part: S3 replaces objects
+        atomically, and the local store writes a temporary file and renames it.
+        """
+        size = path.stat().st_size
+        LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
+        if self._s3 is None:
+            return self._write_local(loc, lambda part: shutil.copyfile(path, part))
+        previous = None
+        for attempt in (1, 2):
+            with self._errors("upload", loc):
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress)
+            stored = self.head(loc)
+            if stored is None or stored.size != size:
+                problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
+            else:
+                mismatch, previous = self._mismatch(path, stored, previous)
+                if not mismatch:
+                    return self.uri(loc)
+                problem = f"upload of {path.name} to {self.uri(loc)} does not match ({mismatch})"
+            if attempt == 2:
+                raise TransientError(problem)
+            LOGGER.warning("%s; uploading again", problem)
+        return self.uri(loc)
+
+    def read_bytes(self, loc: Location) -> bytes:
+        """A small object's content, in memory (images for predict.py)."""
+        if self._s3 is None:
+            try:
+                return self._path(loc).read_bytes()
+            except FileNotFoundError:
+                raise StorageNotFound(f"{self.uri(loc)} does not exist") from None
+        with self._errors("read", loc):
+            return self._s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"].read()
+
+    def put_bytes(self, data: bytes, loc: Location, content_type: str = "application/octet-stream") -> str:
+        """Store a small object from memory (annotated images)."""
+        if self._s3 is None:
+            return self._write_local(loc, lambda part: part.write_bytes(data))
+        with self._errors("upload", loc):
+            self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
+        return self.uri(loc)
+
+    def _write_local(self, loc: Location, write: Callable[[Path], Any]) -> str:
+        """Local store: write a temporary file, then rename it over the object (atomic for readers)."""
+        dest = self._path(loc)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
+        write(part)
+        os.replace(part, dest)
+        return self.uri(loc)
+
+    def list(self, prefix: Location) -> Iterator[tuple[Location, ObjectInfo]]:
+        """Every object under a prefix, across as many listing pages as it takes.
+
+        Folder markers (keys ending in '/', which consoles' "create folder" writes) are not
+        objects to download: they are left out.
+        """
+        if self._s3 is None:
+            root = self._path(Location(prefix.bucket, ""))
+            base = self._path(prefix)
+            folder = base if prefix.key.endswith("/") or base.is_dir() else base.parent
+            for path in sorted(folder.rglob("*")) if folder.is_dir() else []:
+                rel = path.relative_to(root).as_posix()
+                if path.is_file() and rel.startswith(prefix.key) and ".part-" not in path.name:
+                    yield Location(prefix.bucket, rel), ObjectInfo(path.stat().st_size, "")
+            return
+        paginator = self._s3.get_paginator("list_objects_v2")
+        with self._errors("list", prefix):
+            for page in paginator.paginate(Bucket=prefix.bucket, Prefix=prefix.key):
+                for obj in page.get("Contents", []):
+                    if obj["Key"].endswith("/"):
+                        if obj.get("Size"):
+                            LOGGER.warning("skipping %s: a folder marker with content", obj["Key"])
+                        continue
+                    etag = obj.get("ETag", "").strip('"')
+                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, _etag_digest(etag), True)
+
+    @contextlib.contextmanager
+    def _errors(self, action: str, loc: Location):
+        """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
+        from boto3.exceptions import S3UploadFailedError
+        from botocore.exceptions import BotoCoreError, ClientError, SSLError
+
+        try:
+            yield
+        except (ClientError, S3UploadFailedError) as e:
+            # upload_file wraps the ClientError that says what went wrong
+            error = e if isinstance(e, ClientError) else e.__context__
+            response = error.response if isinstance(error, ClientError) else {}
+            code = str(response.get("Error", {}).get("Code", ""))
+            status = str(response.get("ResponseMetadata", {}).get("HTTPStatusCode", ""))
+            where = self.uri(loc)
+            if code in _NOT_FOUND or (status == "404" and code != "NoSuchBucket"):
+                raise StorageNotFound(f"{where} does not exist") from None
+            skew = _clock_skew(response)
+            if code in _CLOCK_SKEW or (status == "403" and skew):  # the node's fault: NTP or another node fixes it
+                clock = (f"is {abs(skew) / 60:.0f} minutes {'behind' if skew > 0 else 'ahead of'}" if skew
+                         else "differs from")
+                raise TransientError(f"storage refused to {action} {where}: {code or status}: this node's clock "
+                                     f"{clock} the storage server's, more than it allows (15 minutes on S3); "
+                                     "check the node's time synchronisation (NTP)") from None
+            if code in _REFUSED or status in ("401", "403"):
+                raise BadInput(f"storage refused to {action} {where}: {code or status} "
+                               "(check the bucket name and the storage credentials)") from None
+            raise TransientError(f"storage failed to {action} {where}: {code or status or e}") from None
+        except SSLError as e:
+            endpoint = self.settings.endpoint or "the storage endpoint"
+            if _certificate_refused(e):
+                raise BadInput(f"the TLS certificate of {endpoint} is not trusted (set TLS_CA_BUNDLE to its "
+                               "CA)") from None
+            # a handshake reset or cut short (a restarting proxy, a load balancer): worth a retry
+            raise TransientError(f"TLS handshake with {endpoint} failed while trying to {action} "
+                                 f"{self.uri(loc)}: {e}") from None
+        except BotoCoreError as e:
+            raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
+
+
+def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:
+    """A file given as a local path, an s3:// URI or a storage key: a local file as it is, else
+    the storage object, downloaded once into WORK_DIR/weights/files (cached by ETag).
+
+    Raises:
+        StorageNotFound: neither a local file nor a storage object.
+    """
+    local = Path(ref).expanduser()
+    if not ref.startswith("s3://") and local.is_file():
+        return local.resolve()
+    loc = storage.locate(ref)
+    return storage.fetch(loc, work_dir / "weights" / "files" / loc.bucket / loc.key)
+
+
+# Full-object checksums S3 keeps (base64) that Python computes without extra packages, best first.
+# CRC32C and CRC64NVME would need awscrt; a composite (per-part) checksum ends in -<parts>.
+_CHECKSUM_FIELDS = (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"))
+
+
+def _object_digest(meta: Mapping[str, Any], etag: str) -> tuple[str, str] | None:
+    """What a transfer of this object is verified against: a full-object checksum the store keeps,
+    else the ETag if it is the content's MD5, else None (size only)."""
+    if meta.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
+        for field, algorithm in _CHECKSUM_FIELDS:
+            value = meta.get(field)
+            if value and "-" not in value:
+                return algorithm, value
+    if str(meta.get("ServerSideEncryption", "")).startswith("aws:kms") or meta.get("SSECustomerAlgorithm"):
+        return None  # S3's ETag of a KMS or customer-key encrypted object is not the content's MD5
+    return _etag_digest(etag)
+
+
+def _etag_digest(etag: str) -> tuple[str, str] | None:
+    """("md5", etag) where the ETag can be an MD5 (32 hex digits; a multipart ETag has a '-')."""
+    return ("md5", etag) if re.fullmatch(r"[0-9a-f]{32}", etag or "") else None
+
+
+def file_digest(path: Path, algorithm: str) -> str:
+    """A file's digest as S3 writes it: hex for md5 (the ETag), base64 for checksums."""
+    import base64
+
+    crc, digest = 0, None if algorithm == "crc32" else hashlib.new(algorithm, usedforsecurity=False)
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            if digest is None:
+                crc = zlib.crc32(chunk, crc)
+            else:
+                digest.update(chunk)
+    if algorithm == "md5":
+        return digest.hexdigest()
+    raw = crc.to_bytes(4, "big") if digest is None else digest.digest()
+    return base64.b64encode(raw).decode()
