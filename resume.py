@@ -97,8 +97,11 @@ def completed_before(storage: Storage, settings: Settings) -> dict | None:
     """The final status this job reported when it completed, if its completion marker is in storage."""
     if not settings.resume:
         return None
+    marker = storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER)
+    if storage.head(marker) is None:  # also the job's first storage request: it names a missing bucket
+        return None
     try:
-        fields = json.loads(storage.read_bytes(storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER)))
+        fields = json.loads(storage.read_bytes(marker))
     except StorageNotFound:
         return None
     except ValueError:
