@@ -141,19 +141,39 @@ class CheckpointUploader:
         self._count = 0
         threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True).start()
 
-    def submit(self, files: dict[str, Path], epoch: int) -> None:
+    def submit(self, files: dict[str, Path], epoch: int, copies: dict[str, str] | None = None) -> None:
+        """Queue files for upload; `copies` names files whose content is another's of this batch
+        (best.pt written from the same bytes as last.pt): those become a server-side copy after
+        the other's upload, not a second upload."""
+        copies = copies or {}
+        items = {}
         for name, path in files.items():
-            if not path.is_file():
+            if name in copies or not path.is_file():
                 continue
             self._count += 1
             staged = self.staging / f"{self._count:06d}-{name}"
             shutil.copyfile(path, staged)
-            with self._cond:
+            items[name] = (staged, epoch, None)
+        items.update({name: (None, epoch, source) for name, source in copies.items() if source in items})
+        with self._cond:  # one batch: a copy never goes without the upload it copies
+            for name, item in items.items():
                 old = self._pending.pop(name, None)
-                if old:
+                copier = next((n for n, (_, _, src) in self._pending.items() if src == name), None)
+                if old and copier and copier not in items:  # a waiting copy of the replaced file gets its bytes
+                    self._pending[copier] = (old[0], old[1], None)
+                elif old and old[0]:
                     old[0].unlink(missing_ok=True)
-                self._pending[name] = (staged, epoch)
-                self._cond.notify_all()
+                self._pending[name] = item
+            self._cond.notify_all()
+
+    def drop_pending(self) -> None:
+        """Forget uploads not started yet (the final upload supersedes them)."""
+        with self._cond:
+            for staged, _, _ in self._pending.values():
+                if staged:
+                    staged.unlink(missing_ok=True)
+            self._pending.clear()
+            self._cond.notify_all()
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until everything submitted is uploaded; False if the timeout came first."""
@@ -168,8 +188,14 @@ class CheckpointUploader:
                 self._pending.clear()
                 self._busy = True
             uploaded = []
-            for name, (staged, _) in batch.items():
+            for name, (staged, _, source) in sorted(batch.items(), key=lambda item: item[1][2] is not None):
                 try:
+                    if source is not None:  # the same bytes as a file of this batch: copy it in storage
+                        if source in uploaded:
+                            self.storage.copy(self.storage.locate(self.prefix + source),
+                                              self.storage.locate(self.prefix + name))
+                            uploaded.append(name)
+                        continue
                     if name.endswith(".pt") and (problem := checkpoint_problem(staged)):
                         LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
                         continue
@@ -178,7 +204,8 @@ class CheckpointUploader:
                 except Exception as e:  # the final upload at the end tries again
                     LOGGER.warning("background upload of %s failed: %s", name, e)
                 finally:
-                    staged.unlink(missing_ok=True)
+                    if staged:
+                        staged.unlink(missing_ok=True)
             checkpoints = [n for n in uploaded if n.endswith(".pt")]
             if checkpoints:
                 epoch = max(batch[n][1] for n in checkpoints)
@@ -317,14 +344,16 @@ class EpochReporter:
         if not self.reports():
             return
         epoch = trainer.epoch + 1
-        files = {}
+        files, copies = {}, {}
         if epoch % self.settings.checkpoint_interval == 0 or trainer.stop:
             files["last.pt"] = Path(trainer.last)
         if trainer.best_fitness == trainer.fitness:
             files["best.pt"] = Path(trainer.best)
+            if "last.pt" in files:  # Ultralytics wrote both from the same bytes: one upload, one copy
+                copies["best.pt"] = "last.pt"
         if files:
             files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.event_log})
-            self.uploader.submit(files, epoch)
+            self.uploader.submit(files, epoch, copies)
 
     def on_fit_epoch_end(self, trainer) -> None:
         capture = self._capture

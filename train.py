@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from dotenv import load_dotenv
@@ -47,6 +48,7 @@ from utils import (
     Redactor,
     TrainerError,
     available_cpus,
+    background,
     now_iso,
     setup_logging,
     within,
@@ -67,6 +69,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     """The job's steps, from `running` to `completed` (raises on any failure)."""
     backend.status("running", 0, started_at=now_iso())
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
+    tracker.start_in_background()  # MLflow's import and run overlap the downloads below
     prepare_ultralytics(settings.work_dir)
     run = prepare_run(storage, settings)
     if run.finished:  # a pod started again after the training was over: report it, train nothing
@@ -81,12 +84,13 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     check_dataset_or_fail(data, task, settings, backend)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
-    tracker.start()
+    tracker.wait_started()
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", 0, **tracker.status_fields())
     reporter.use_storage(storage)
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
+    artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     uris = upload_outputs(storage, settings, trainer, reporter.uploader)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
     backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
@@ -97,7 +101,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     final = {k: v for k, v in final.items() if v is not None}  # a field not known is left out, never null
     mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
     backend.status("completed", 100, **final)
-    log_run_artifacts(tracker, trainer)  # while the final status goes out
+    artifacts.join()
     tracker.finish("FINISHED")
 
 
@@ -140,19 +144,18 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
 
 
 def upload_outputs(storage: Storage, settings: Settings, trainer, uploader: CheckpointUploader) -> dict:
-    """After training: best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/."""
-    uploader.wait()  # the background uploads of the last epoch go first, so the final files win
-    uris = {}
-    for name in ("best.pt", "last.pt"):
-        path = Path(trainer.wdir) / name
-        if path.is_file():
-            if problem := checkpoint_problem(path):
-                raise TrainerError(f"the final {name} is {problem}; not replacing the one in storage")
-            uris[name] = storage.upload(path, storage.locate(settings.checkpoint_prefix + name))
-    for path in sorted(Path(trainer.save_dir).iterdir()):
-        if path.is_file() and path.suffix in OUTPUT_SUFFIXES:
-            storage.upload(path, storage.locate(settings.checkpoint_prefix + path.name))
-    return uris
+    """After training: best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/, side by side."""
+    uploader.drop_pending()  # the final files supersede what the last epoch queued...
+    uploader.wait()  # ...and an upload already under way finishes first, so the final files win
+    checkpoints = [Path(trainer.wdir) / name for name in ("best.pt", "last.pt") if (Path(trainer.wdir) / name).is_file()]
+    for path in checkpoints:
+        if problem := checkpoint_problem(path):
+            raise TrainerError(f"the final {path.name} is {problem}; not replacing the one in storage")
+    outputs = [p for p in sorted(Path(trainer.save_dir).iterdir()) if p.is_file() and p.suffix in OUTPUT_SUFFIXES]
+    with ThreadPoolExecutor(4, thread_name_prefix="final-upload") as pool:
+        uris = dict(zip((p.name for p in checkpoints + outputs), pool.map(
+            lambda p: storage.upload(p, storage.locate(settings.checkpoint_prefix + p.name)), checkpoints + outputs)))
+    return {name: uris[name] for name in ("best.pt", "last.pt") if name in uris}
 
 
 def log_run_artifacts(tracker: Tracker, trainer) -> None:

@@ -154,6 +154,13 @@ def available_cpus() -> int:
     return cpus
 
 
+def background(step, *args) -> threading.Thread:
+    """Run a step in a helper thread and return it (join it where its result is needed)."""
+    worker = threading.Thread(target=step, args=args, name=getattr(step, "__name__", "step"), daemon=True)
+    worker.start()
+    return worker
+
+
 def within(seconds: float, step, *args) -> None:
     """Run a clean-up step in a helper thread, waiting at most `seconds` for it."""
     worker = threading.Thread(target=step, args=args, daemon=True)

@@ -56,7 +56,8 @@ def make_handler(args: argparse.Namespace):
         def _log(self) -> None:
             if args.log_requests:
                 with lock, open(args.record, "a") as f:
-                    f.write(f"REQ {self.command} {self.path}\n")
+                    copy = " copy" if self.headers.get("x-amz-copy-source") else ""  # a server-side copy
+                    f.write(f"REQ {self.command} {self.path} {self.headers.get('Content-Length') or 0}{copy}\n")
 
         def _answer(self) -> bool:
             """A configured --answer for this request: sent, and True."""

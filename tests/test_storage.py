@@ -132,7 +132,8 @@ def proxied(s3_server, bucket, tmp_path):
 
         def count(method: str, key: str) -> int:
             lines = record.read_text().splitlines() if record.exists() else []
-            return sum(line.split("?")[0] == f"REQ {method} /{bucket}/{key}" for line in lines)
+            return sum(line.split()[:2] == ["REQ", method] and line.split()[2].split("?")[0] == f"/{bucket}/{key}"
+                       for line in lines)
 
         return Storage(StorageSettings("minio", bucket, url, ACCESS_KEY, SECRET_KEY, "us-east-1", max_attempts=2)), count
 
