@@ -2,7 +2,7 @@
 # make test   -> the whole test suite (what .ci/run runs)
 # make bench  -> the benchmarks (figures for the README's performance table)
 # make gpu-check -> the GPU checks, on a machine with CUDA (bench/gpu_check.py)
-# make image-check -> the Docker image's contract without Docker, as root (bench/image_check.py, about 5 min)
+# make image-check -> the Docker image's contract without Docker, as root (bench/image_check.py, 8-11 min)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv

@@ -1,6 +1,6 @@
 """The image's contract without Docker: what the Dockerfile builds, run the way a hardened pod runs it.
 
-    sudo python3 -m bench.image_check            # make image-check; about 5 minutes, 3 of them pip
+    sudo python3 -m bench.image_check            # make image-check; 8 to 11 minutes, most of it pip
     sudo python3 -m bench.image_check --keep     # leave the scratch folder (logs, outputs) behind
 
 Everything comes from the Dockerfile itself, so the check follows it when it changes:
