@@ -2,13 +2,14 @@
 # make test   -> the whole test suite (what .ci/run runs)
 # make bench  -> the benchmarks (figures for the README's performance table)
 # make gpu-check -> the GPU checks, on a machine with CUDA (bench/gpu_check.py)
+# make image-check -> the Docker image's contract without Docker, as root (bench/image_check.py, 8-11 min)
 
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 DEMO := demo
 
-.PHONY: venv test demo bench gpu-check clean
+.PHONY: venv test demo bench gpu-check image-check clean
 
 venv: $(VENV)/.installed
 
@@ -42,6 +43,10 @@ bench: venv
 
 gpu-check: venv
 	$(PY) -m bench.gpu_check
+
+# Needs only the standard library: it makes its own fresh virtual environment from requirements.txt.
+image-check:
+	$(PYTHON) -m bench.image_check
 
 clean:
 	rm -rf $(DEMO) .pytest_cache

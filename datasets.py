@@ -247,8 +247,11 @@ def download_dataset(storage: Storage, settings: Settings) -> tuple[Path, Path]:
     return data_yaml, root
 
 
+PREFIX_THREADS = 32  # parallel GETs for a prefix dataset (the storage client keeps 32 connections)
+
+
 def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> Path:
-    """An unpacked dataset under a storage prefix, downloaded by 8 threads, cached by its listing."""
+    """An unpacked dataset under a storage prefix, downloaded by PREFIX_THREADS threads, cached by its listing."""
     objects = list(storage.list(prefix))
     if not objects:
         raise StorageNotFound(f"dataset prefix {storage.uri(prefix)} holds no objects")
@@ -265,7 +268,7 @@ def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> 
         LOGGER.info("downloading %d objects (%s) under %s", len(objects), human_size(total), storage.uri(prefix))
         try:
             targets = [(loc, info, safe_target(tmp.resolve(), loc.key[len(prefix.key):])) for loc, info in objects]
-            with ThreadPoolExecutor(8) as pool:
+            with ThreadPoolExecutor(PREFIX_THREADS) as pool:  # small objects: the network waits, not the CPU
                 list(pool.map(lambda t: storage.download(t[0], t[2], t[1], quiet=True), targets))
             os.replace(tmp, folder)
         finally:
