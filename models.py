@@ -47,6 +47,7 @@ def prepare_ultralytics(work_dir: Path) -> None:
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_CONFIG_DIR", str(work_dir / "ultralytics"))
     os.environ.setdefault("MPLCONFIGDIR", str(work_dir / "matplotlib"))  # its font cache, not in $HOME
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work_dir / "torchinductor"))  # not /tmp/torchinductor_<user>
     config_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     config_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib
