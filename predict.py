@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 from dotenv import load_dotenv
 
+import cli
 from config import Settings, load_settings, log_configuration
 from datasets import IMAGE_SUFFIXES
 from models import default_device, prepare_ultralytics
@@ -328,6 +329,8 @@ def save_document(storage: Storage, spool: Spool, settings: Settings, extra: dic
 
 
 def main() -> int:
+    if (code := cli.handle(sys.argv[1:], "predict", __doc__)) is not None:  # --help, --check
+        return code
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)

@@ -168,6 +168,17 @@ class Storage:
         etag = meta.get("ETag", "").strip('"')
         return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
 
+    def check_bucket(self, bucket: str | None = None) -> None:
+        """The bucket exists and these credentials may use it (`--check`): BadInput if not, TransientError
+        if storage cannot be reached. A local store's bucket is a folder: StorageNotFound if it is missing."""
+        loc = Location(bucket or self.bucket, "")
+        if self._s3 is None:
+            if not self._path(loc).is_dir():
+                raise StorageNotFound(f"{self._path(loc)} does not exist")
+            return
+        self._buckets_seen.discard(loc.bucket)
+        self._check_bucket(loc)
+
     def _check_bucket(self, loc: Location) -> None:
         if loc.bucket in self._buckets_seen:
             return
