@@ -7,8 +7,8 @@ HEAD), listings across pages, and the classification of storage errors into bad 
 refused, an untrusted certificate) and transient failures (everything else).
 Environment (through config.StorageSettings): STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*,
 LOCAL_STORAGE_DIR, STORAGE_MAX_ATTEMPTS, STORAGE_TIMEOUT, STORAGE_CHECKSUM, TLS_CA_BUNDLE,
-TLS_VERIFY; AWS_* for STORAGE_TYPE=s3.
-Imports: utils, config.
+TLS_VERIFY, PROGRESS_INTERVAL; AWS_* for STORAGE_TYPE=s3.
+Imports: utils, config, progress.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
 from config import StorageSettings
+from progress import TransferProgress
 from utils import BadInput, TransientError, human_size
 
 LOGGER = logging.getLogger("trainer")
@@ -212,7 +213,8 @@ class Storage:
                     shutil.copyfile(self._path(loc), part)
                 else:
                     with self._errors("download", loc):
-                        self._s3.download_file(loc.bucket, loc.key, str(part), Callback=self._progress)
+                        self._s3.download_file(loc.bucket, loc.key, str(part),
+                                           Callback=self._progress("downloading", loc, info.size))
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
@@ -231,10 +233,18 @@ class Storage:
         log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
         return dest
 
-    def _progress(self, _bytes: int) -> None:
-        """boto3's transfer callback: a safe point to stop at (the exception ends the transfer)."""
-        if self.interrupt:
-            self.interrupt()
+    def _progress(self, action: str, loc: Location, size: int) -> Callable[[int], None]:
+        """boto3's transfer callback: progress for people (progress.py, every PROGRESS_INTERVAL
+        seconds of a long transfer), and a safe point to stop at (what `interrupt` raises, a stop,
+        ends the transfer)."""
+        progress = TransferProgress(f"{action} {loc.name}", size, self.settings.progress_interval)
+
+        def callback(transferred: int) -> None:
+            progress(transferred)
+            if self.interrupt:
+                self.interrupt()
+
+        return callback
 
     def _mismatch(self, path: Path, info: ObjectInfo, previous: str | None) -> tuple[str | None, str | None]:
         """(why path is not the object's content or None, the MD5 computed for the next call).
@@ -282,7 +292,7 @@ class Storage:
         previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress)
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress("uploading", loc, size))
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
