@@ -10,7 +10,7 @@ so short transfers (most checkpoints) log nothing more than their start and end.
 transfer callback, which a multipart transfer calls from several threads at once.
 
 Environment (through StorageSettings): PROGRESS_INTERVAL (seconds; 0 = no progress at all).
-Imports: utils.
+Imports: utils, jsonlog.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ import sys
 import threading
 import time
 
+from jsonlog import json_logging
 from utils import human_size
 
 LOGGER = logging.getLogger("trainer")
@@ -29,9 +30,9 @@ BAR_AFTER = 1.0  # seconds a transfer runs before a terminal gets a bar for it
 
 
 def on_terminal() -> bool:
-    """A person watches stderr: a TTY."""
+    """A person watches stderr: a TTY, with text logs (a JSON log line must stay one object)."""
     try:
-        return sys.stderr.isatty()
+        return sys.stderr.isatty() and not json_logging()
     except (AttributeError, ValueError):  # a replaced or closed stderr
         return False
 

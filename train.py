@@ -245,7 +245,7 @@ def main() -> int:
         return code
     load_dotenv(Path.cwd() / ".env", override=False)  # hand runs; real environment variables win
     redact = Redactor.from_environ(os.environ)
-    setup_logging(os.environ, redact)
+    setup_logging(os.environ, redact, capture_stdout=True)  # LOG_FORMAT=json: stdout's lines become JSON too
     try:
         settings = load_settings(os.environ, "train", check_train_args=ultralytics_arg_problems)
     except ConfigError as e:

@@ -94,7 +94,8 @@ def test_n_processes_with_indexes_0_to_n_1_cover_every_image_exactly_once(s3_ser
         s3.upload_file(str(tmp_path / "ds" / "images" / "val" / key.rsplit("/", 1)[1]), bucket, key)
     env = {**storage_env(s3_server, bucket), "CHECKPOINT_URI": str(checkpoint), "INPUT_URI": "inputs/batch/",
            "PREDICT_OUTPUT_URI": "predictions/run-1/", "PREDICT_SHARDS": str(SHARDS), "IMGSZ": "64",
-           "CONF_THRESHOLD": "0.0", "MAX_DET": "2", "DEVICE": "cpu", "WORKERS": "2", "WORK_DIR": str(tmp_path / "work")}
+           "CONF_THRESHOLD": "0.0", "MAX_DET": "2", "DEVICE": "cpu", "WORKERS": "2", "WORK_DIR": str(tmp_path / "work"),
+           "LOG_FORMAT": "json"}
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "AWS_", "YOLO_", "MINIO_", "R2_"))}
     procs = [subprocess.Popen([sys.executable, str(ROOT / "predict.py")], cwd=tmp_path, text=True,
                               env={**base, **env, "JOB_COMPLETION_INDEX": str(i)}, stdout=subprocess.PIPE,
@@ -103,7 +104,11 @@ def test_n_processes_with_indexes_0_to_n_1_cover_every_image_exactly_once(s3_ser
     seen = []
     for index, (proc, (stdout, stderr)) in enumerate(zip(procs, outputs)):
         assert proc.returncode == 0, stderr[-3000:]
+        assert stdout.count("\n") == 1  # the document alone on stdout, in JSON log mode too
         doc = json.loads(stdout)
+        logs = [json.loads(line) for line in stderr.splitlines()]  # every log line is a JSON object
+        assert all({"time", "level", "logger", "job_id", "message"} <= set(e) for e in logs)
+        assert f"shard {index} of {SHARDS}: {doc['count']} of the {len(keys)} images" in [e["message"] for e in logs]
         assert (doc["shard"], doc["shards"], doc["listed"], doc["failed"]) == (index, SHARDS, len(keys), 0)
         names = [p["image"].removeprefix(f"s3://{bucket}/") for p in doc["predictions"]]
         assert doc["count"] == len(names)
