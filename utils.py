@@ -7,8 +7,8 @@ decides them (BadInput 2, TransientError 75, Cancelled 143, anything else 1), th
 text that leaves the process passes through, logging to stderr, and small helpers (`within`,
 `available_cpus`, `now_iso`, `human_size`).
 
-Environment: LOG_LEVEL and LOG_FORMAT (read by setup_logging); every variable whose name contains KEY, SECRET,
-TOKEN or PASSWORD is a secret the Redactor masks.
+Environment: LOG_LEVEL and LOG_FORMAT (read by setup_logging); every variable whose name
+contains KEY, SECRET, TOKEN or PASSWORD is a secret the Redactor masks.
 """
 
 from __future__ import annotations
