@@ -25,9 +25,9 @@ from typing import Callable
 
 from backend import Backend
 from config import Settings, job_dir
+from progress import epoch_summary
 from storage import Storage
 from tracking import Tracker
-from progress import epoch_summary
 from utils import EXIT_CANCELLED, Cancelled, Redactor, within
 from validation import ValidationCapture, contract_metrics, epoch_report, finite_floats, sequential_val_loader
 
@@ -412,4 +412,5 @@ def summarize_epoch(trainer, epoch: int, total: int, train: dict, body: dict) ->
     started, done = getattr(trainer, "train_time_start", None), epoch - getattr(trainer, "start_epoch", 0)
     mean = (time.time() - started) / done if started and done > 0 else seconds
     eta = mean * (total - epoch) if mean is not None else None
-    return epoch_summary(epoch, total, losses, (body["primary_metric_name"], body["primary_metric_value"]), seconds, eta)
+    metric = (body["primary_metric_name"], body["primary_metric_value"])
+    return epoch_summary(epoch, total, losses, metric, seconds, eta)

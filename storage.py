@@ -214,7 +214,7 @@ class Storage:
                 else:
                     with self._errors("download", loc):
                         self._s3.download_file(loc.bucket, loc.key, str(part),
-                                           Callback=self._progress("downloading", loc, info.size))
+                                               Callback=self._progress("downloading", loc, info.size))
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
