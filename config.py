@@ -85,6 +85,8 @@ ENV_VARS: dict[str, str] = {
     "PRETRAINED_PREFIX": "models/",
     "WEIGHTS_DOWNLOAD": "true",
     "LOG_LEVEL": "INFO",
+    "LOG_FORMAT": "text",
+    "PROGRESS_INTERVAL": "5",
     "TLS_CA_BUNDLE": "",
     "TLS_VERIFY": "true",
     # backend callbacks
@@ -121,6 +123,8 @@ ENV_VARS: dict[str, str] = {
     "IOU_THRESHOLD": "0.7",
     "MAX_DET": "300",
     "PREDICT_BATCH": "16",
+    "PREDICT_SHARDS": "1",
+    "JOB_COMPLETION_INDEX": "",
     "PREDICT_OUTPUT_URI": "",
     "PREDICT_SAVE_IMAGES": "true",
 }
@@ -131,6 +135,95 @@ def log_configuration(settings: "Settings") -> None:
     LOGGER.info("configuration: %s", json.dumps(settings.describe(), sort_keys=True))
     if settings.storage.verify is False:
         LOGGER.warning("TLS certificate verification is OFF (TLS_VERIFY=false) for storage, backend and MLflow")
+
+
+# What each variable of ENV_VARS means, one line each: `train.py --help` and `predict.py --help`
+# print it (cli.py) with the default from ENV_VARS. A meaning that starts with "train.py:" or
+# "predict.py:" is read by that entry point only. tests/test_config.py checks every variable has one.
+ENV_HELP: dict[str, str] = {
+    # job
+    "JOB_ID": "the training job's id (required by train.py); names checkpoints/job-{JOB_ID}/; letters, digits, . _ -",
+    "PROJECT_ID": "train.py: the project the job belongs to; tags the MLflow run, names the default experiment",
+    "TASK_TYPE": "object_detection, instance_segmentation, image_classification, pose_estimation, "
+                 "oriented_detection (or detect, segment, classify, pose, obb); unset = inferred",
+    "MODEL_NAME": "train.py: pretrained name (yolo11n), a config to train from scratch (yolo11n.yaml), "
+                  "or a .pt checkpoint: s3://bucket/key.pt, a storage key or a local path",
+    "DATASET_ID": "train.py: the dataset is datasets/{DATASET_ID}.zip in the bucket (required unless DATASET_URI)",
+    "DATASET_URI": "train.py: the dataset instead of DATASET_ID: s3://bucket/key.zip|.tar|.tar.gz, a prefix "
+                   "ending in /, a storage key, or a local archive or folder",
+    "EPOCHS": "train.py: epochs in total (>= 1)",
+    "BATCH_SIZE": "train.py: batch size; -1 = AutoBatch; a fraction in (0, 1) = that share of GPU memory",
+    "LEARNING_RATE": "train.py: initial learning rate (lr0), 0 < x < 1; set = AdamW unless TRAIN_ARGS names an "
+                     "optimizer; unset = Ultralytics' optimizer=auto chooses both",
+    "IMGSZ": "training and inference image size (32-8192)",
+    "DEVICE": "cpu, 0, 0,1,2,3 or mps; unset = the first GPU if there is one, else cpu",
+    "WORKERS": "data loader workers of train.py (unset: min(8, CPUs)); image loading threads of predict.py "
+               "(unset: 2 x CPUs, 2 to 8)",
+    "TRAIN_ARGS": "train.py: any other Ultralytics training argument as a JSON object, e.g. {\"patience\": 20}",
+    "WORK_DIR": "where datasets, weights, Ultralytics settings and run outputs go (unset: <temp dir>/yolo-trainer)",
+    "CACHE_MAX_BYTES": "train.py: cap in bytes on WORK_DIR/datasets + WORK_DIR/weights, least recently used "
+                       "evicted first; 0 = no cap",
+    "KEEP_JOB_FILES": "train.py: true keeps WORK_DIR/jobs/job-{JOB_ID}/ after the job ends, for debugging",
+    "RESUME": "train.py: auto = resume from the job's last.pt in storage when resumable; false = start fresh",
+    "CHECKPOINT_INTERVAL": "train.py: upload last.pt every N epochs (best.pt whenever it improves)",
+    "SHUTDOWN_TIMEOUT": "train.py: seconds from SIGTERM (or a failure) to exit; keep below the pod's grace period",
+    "DATASET_MAX_BYTES": "train.py: cap on a dataset's download and uncompressed size, in bytes",
+    "DATASET_MAX_FILES": "train.py: cap on the entries of a dataset archive or the objects under a dataset prefix",
+    "DATASET_CHECK": "train.py: strict = a dataset problem fails the job (exit 2); warn = report and train; off",
+    "VAL_FRACTION": "train.py: share of train images that become the validation split when a dataset has none",
+    "PRETRAINED_PREFIX": "train.py: storage prefix where pretrained weights are looked up by name",
+    "WEIGHTS_DOWNLOAD": "train.py: last resort for a pretrained name: Ultralytics' download from the internet",
+    "LOG_LEVEL": "DEBUG, INFO, WARNING or ERROR",
+    "LOG_FORMAT": "text, or json: one JSON object per line on stderr (time, level, logger, job_id, message, epoch)",
+    "PROGRESS_INTERVAL": "seconds between progress lines of a storage transfer that runs longer than that; "
+                         "0 = none (on a terminal: a progress bar)",
+    "TLS_CA_BUNDLE": "a PEM bundle to trust for storage, backend and MLflow (a private CA); unset = the system's",
+    "TLS_VERIFY": "false turns certificate checks off for storage, backend and MLflow (with a warning)",
+    # backend callbacks
+    "CALLBACK_URL": "train.py: base URL of the job's callback routes; unset = no callbacks, events are only logged",
+    "INTERNAL_AUTH_TOKEN": "train.py: sent as X-Internal-Auth on every callback (secret)",
+    "CALLBACK_CONNECT_TIMEOUT": "train.py: seconds to connect to the backend",
+    "CALLBACK_TIMEOUT": "train.py: seconds to wait for the backend's answer",
+    "CALLBACK_MAX_ATTEMPTS": "train.py: tries per callback event",
+    "CALLBACK_FLUSH_TIMEOUT": "train.py: seconds to deliver queued events at exit before giving up",
+    "CALLBACK_HEALTH_INTERVAL": "train.py: seconds between GET {CALLBACK_URL}/health polls (cancelled stops the "
+                                "job); 0 = never",
+    "VALIDATION_IMAGES": "train.py: per epoch, per-image results of this many validation images; 0 = none",
+    "VALIDATION_CONF": "train.py: confidence threshold of those results and of the detection confusion matrix",
+    # storage
+    "STORAGE_TYPE": "minio, r2, s3 (AWS: credentials from the usual AWS_* chain) or local (a folder)",
+    "STORAGE_BUCKET": "bucket for datasets, weights and checkpoints (R2_BUCKET wins for r2)",
+    "MINIO_ENDPOINT": "MinIO URL; host:port is taken as http://host:port",
+    "MINIO_ACCESS_KEY": "MinIO access key (required for minio)",
+    "MINIO_SECRET_KEY": "MinIO secret key (required for minio; secret)",
+    "R2_ENDPOINT": "https://<account>.r2.cloudflarestorage.com (required for r2)",
+    "R2_ACCESS_KEY_ID": "R2 access key id (required for r2)",
+    "R2_SECRET_ACCESS_KEY": "R2 secret access key (required for r2; secret)",
+    "R2_BUCKET": "bucket on R2; wins over STORAGE_BUCKET",
+    "LOCAL_STORAGE_DIR": "with STORAGE_TYPE=local: objects are files at <dir>/<bucket>/<key>",
+    "STORAGE_MAX_ATTEMPTS": "tries per storage request (boto3 standard retry mode)",
+    "STORAGE_TIMEOUT": "seconds a storage read may stall before it is retried",
+    "STORAGE_CHECKSUM": "boto3 checksums: when_required (R2, older MinIO) or when_supported",
+    # tracking
+    "MLFLOW_TRACKING_URI": "train.py: MLflow tracking server; unset = a SQLite store in WORK_DIR",
+    "MLFLOW_EXPERIMENT_NAME": "train.py: MLflow experiment (unset: project-{PROJECT_ID})",
+    # predict
+    "CHECKPOINT_URI": "predict.py: the weights: s3:// URI, storage key or local path "
+                      "(unset: checkpoints/job-{JOB_ID}/best.pt)",
+    "INPUT_URI": "predict.py: an image or folder, local or in storage (s3://bucket/key, or a prefix ending in /); "
+                 "required",
+    "CONF_THRESHOLD": "predict.py: confidence threshold",
+    "IOU_THRESHOLD": "predict.py: NMS IoU threshold",
+    "MAX_DET": "predict.py: most detections per image",
+    "PREDICT_BATCH": "predict.py: images per inference batch",
+    "PREDICT_SHARDS": "predict.py: the number of shards the input is split into (a Kubernetes Indexed Job's "
+                      "completions); each pod takes the images whose key hashes to its JOB_COMPLETION_INDEX",
+    "JOB_COMPLETION_INDEX": "predict.py: this pod's shard, 0 to PREDICT_SHARDS - 1 (Kubernetes sets it in an "
+                            "Indexed Job); unset = all images",
+    "PREDICT_OUTPUT_URI": "predict.py: storage prefix that receives predictions.json (predictions-{index}.json "
+                          "for a shard) and annotated images; unset = stdout only",
+    "PREDICT_SAVE_IMAGES": "predict.py: with PREDICT_OUTPUT_URI, also store annotated images",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -146,6 +239,7 @@ class StorageSettings:
     timeout: float = 60.0
     checksum: str = "when_required"  # boto3 request/response checksum mode
     verify: bool | str = True  # TLS: True, False (TLS_VERIFY=false), or a CA bundle path
+    progress_interval: float = 5.0  # seconds between a long transfer's progress lines; 0 = none
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,6 +296,8 @@ class Settings:
     predict_save_images: bool
     storage: StorageSettings
     backend: BackendSettings
+    predict_shards: int = 1  # PREDICT_SHARDS: the input is split into this many shards
+    predict_shard: int | None = None  # JOB_COMPLETION_INDEX: this run's shard; None = every image
 
     @property
     def checkpoint_prefix(self) -> str:
@@ -361,6 +457,10 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         else:
             env.problems.append("CHECKPOINT_URI (or JOB_ID, for that job's best.pt) is required")
     input_uri = env.reference("INPUT_URI", required=entry == "predict")
+    shards, shard = _predict_shard(env) if entry == "predict" else (1, None)
+    log_format = (env.str("LOG_FORMAT") or "").lower()
+    if log_format not in ("text", "json"):
+        env.problems.append(f"LOG_FORMAT={log_format!r} must be text or json")
 
     settings = Settings(
         job_id=job_id,
@@ -401,6 +501,8 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         predict_save_images=env.flag("PREDICT_SAVE_IMAGES"),
         storage=_storage_settings(env),
         backend=backend_settings(env),
+        predict_shards=shards,
+        predict_shard=shard,
     )
     if env.problems:
         raise ConfigError(env.problems)
@@ -420,6 +522,20 @@ def _output_prefix(env: _Env) -> str | None:
     if value and not value.endswith("/"):
         value += "/"  # a prefix: predictions.json and images/ go under it
     return value
+
+
+def _predict_shard(env: _Env) -> tuple[int, int | None]:
+    """PREDICT_SHARDS and this pod's JOB_COMPLETION_INDEX (set by Kubernetes in an Indexed Job)."""
+    shards = env.number("PREDICT_SHARDS", int, 1, 1_000_000, "an integer >= 1")
+    if not env.str("JOB_COMPLETION_INDEX"):
+        if shards > 1:
+            env.problems.append(f"PREDICT_SHARDS={shards} needs JOB_COMPLETION_INDEX (0 to {shards - 1}), "
+                                "which Kubernetes sets in an Indexed Job")
+        return shards, None
+    if shards < 1:  # already reported: the index cannot be checked against it
+        return shards, env.number("JOB_COMPLETION_INDEX", int, 0, None, "an integer >= 0")
+    index = env.number("JOB_COMPLETION_INDEX", int, 0, shards - 1, f"0 to PREDICT_SHARDS - 1 = {shards - 1}")
+    return shards, index
 
 
 def _parse_train_args(env: _Env) -> dict:
@@ -458,7 +574,8 @@ def _storage_settings(env: _Env) -> StorageSettings:
         checksum = "when_required"
     common = {"max_attempts": env.number("STORAGE_MAX_ATTEMPTS", int, 1, 100, "an integer from 1 to 100"),
               "timeout": env.number("STORAGE_TIMEOUT", float, 1, 3600, "seconds from 1 to 3600"), "checksum": checksum,
-              "verify": tls_verify(env)}
+              "verify": tls_verify(env),
+              "progress_interval": env.number("PROGRESS_INTERVAL", float, 0, 3600, "seconds from 0 to 3600 (0 = none)")}
     if kind == "minio":
         endpoint = env.str("MINIO_ENDPOINT")
         if "://" not in endpoint:

@@ -14,6 +14,9 @@ once, so memory stays flat however many images there are. The document is printe
 when every image has been handled; on failure stdout stays empty and the exit code says why.
 An image that cannot be read or decoded is an error entry in the document; storage failing for
 10 images in a row, or for every image, is an outage that fails the run (exit 75).
+
+In a Kubernetes Indexed Job (JOB_COMPLETION_INDEX set, PREDICT_SHARDS pods) each pod takes the
+images whose key hashes to its index (shards.py) and writes predictions-{index}.json.
 """
 
 from __future__ import annotations
@@ -33,9 +36,11 @@ from typing import Callable, Iterator
 
 from dotenv import load_dotenv
 
+import cli
 from config import Settings, load_settings, log_configuration
 from datasets import IMAGE_SUFFIXES
 from models import default_device, prepare_ultralytics
+from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
 from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, TransientError, available_cpus, setup_logging
 
@@ -46,6 +51,7 @@ LOGGER = logging.getLogger("trainer.predict")
 class InputImage:
     name: str  # how the output names it: the local path or the s3:// URI
     read: Callable[[], bytes]
+    key: str = ""  # its path relative to INPUT_URI: what sharding hashes
 
 
 # ----------------------------------------------------------------------------------------------
@@ -81,17 +87,19 @@ def list_inputs(storage: Storage, settings: Settings) -> Iterator[InputImage]:
     if not ref.startswith("s3://") and local.exists():
         paths = [local] if local.is_file() else (p for p in sorted(local.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
         for path in paths:
-            yield InputImage(str(path), path.read_bytes)
+            key = path.name if path == local else path.relative_to(local).as_posix()
+            yield InputImage(str(path), path.read_bytes, key)
         return
     loc = storage.locate(ref)
     if ref.endswith("/"):
         for obj, _ in storage.list(loc):
             if Path(obj.key).suffix.lower() in IMAGE_SUFFIXES:
-                yield InputImage(storage.uri(obj), functools.partial(storage.read_bytes, obj))
+                yield InputImage(storage.uri(obj), functools.partial(storage.read_bytes, obj),
+                                 obj.key[len(loc.key):])
         return
     if storage.head(loc) is None:
         raise BadInput(f"INPUT_URI={ref}: no such local file or folder, and no storage object {storage.uri(loc)}")
-    yield InputImage(storage.uri(loc), functools.partial(storage.read_bytes, loc))
+    yield InputImage(storage.uri(loc), functools.partial(storage.read_bytes, loc), loc.name)
 
 
 def decode(item: InputImage):
@@ -246,12 +254,13 @@ def _conf(v: float) -> float:
 class Spool:
     """Collects one JSON line per image on disk and uploads annotated images in the background."""
 
-    def __init__(self, folder: Path, storage: Storage, settings: Settings):
+    def __init__(self, folder: Path, storage: Storage, settings: Settings, images: str = "images/"):
         folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / "predictions.jsonl"
         self.file = self.path.open("w", encoding="utf-8")
         self.storage = storage
         self.prefix = settings.predict_output_uri if settings.predict_save_images else None
+        self.images = images  # annotated images' folder under the prefix (a shard's own)
         self.uploads = ThreadPoolExecutor(4, thread_name_prefix="upload") if self.prefix else None
         self.pending: collections.deque = collections.deque()
         self.count = self.failed = 0
@@ -264,7 +273,7 @@ class Spool:
         else:
             entry = describe_result(result, item.name)
             if self.uploads:
-                loc = self.storage.locate(f"{self.prefix}images/{self.count:06d}-{Path(item.name).name}")
+                loc = self.storage.locate(f"{self.prefix}{self.images}{self.count:06d}-{Path(item.name).name}")
                 entry["annotated_image"] = self.storage.uri(loc)
                 self._upload(result.plot(), loc)
         self.file.write(json.dumps(entry) + "\n")
@@ -299,7 +308,7 @@ def run_predictions(model, inputs: Iterator[InputImage], spool: Spool, settings:
             LOGGER.info("%d images done (%.1f images/s)", spool.count, spool.count / (time.monotonic() - started))
     spool.close()
     watch.check()
-    if spool.count == 0:
+    if spool.count == 0 and settings.predict_shard is None:  # a shard may be empty: Shard.select checks the input
         raise BadInput(f"INPUT_URI={settings.input_uri}: no images found")
     LOGGER.info("%d images in %.1f s, %d unreadable", spool.count, time.monotonic() - started, spool.failed)
 
@@ -314,12 +323,13 @@ def write_document(spool: Spool, out, extra: dict) -> None:
     out.write("], " + json.dumps({"count": spool.count, **extra})[1:] + "\n")
 
 
-def save_document(storage: Storage, spool: Spool, settings: Settings, extra: dict) -> str:
-    """Write the same document to {PREDICT_OUTPUT_URI}predictions.json."""
-    path = spool.path.with_name("predictions.json")
+def save_document(storage: Storage, spool: Spool, settings: Settings, extra: dict,
+                  name: str = "predictions.json") -> str:
+    """Write the same document to {PREDICT_OUTPUT_URI}{name} (a shard's: predictions-{index}.json)."""
+    path = spool.path.with_name(name)
     with path.open("w", encoding="utf-8") as f:
         write_document(spool, f, extra)
-    return storage.upload(path, storage.locate(settings.predict_output_uri + "predictions.json"))
+    return storage.upload(path, storage.locate(settings.predict_output_uri + name))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -328,6 +338,8 @@ def save_document(storage: Storage, spool: Spool, settings: Settings, extra: dic
 
 
 def main() -> int:
+    if (code := cli.handle(sys.argv[1:], "predict", __doc__)) is not None:  # --help, --check
+        return code
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)
@@ -342,12 +354,17 @@ def main() -> int:
         prepare_ultralytics(settings.work_dir)
         model = load_model(fetch_checkpoint(storage, settings), settings)
         folder = settings.work_dir / "predict" / f"{os.getpid()}-{time.time_ns()}"
-        spool = Spool(folder, storage, settings)
-        run_predictions(model, list_inputs(storage, settings), spool, settings)
-        extra = {"failed": spool.failed, "task": model.task}
+        shard = Shard(settings.predict_shard, settings.predict_shards)
+        spool = Spool(folder, storage, settings, shard.images_folder())
+        inputs = shard.select(list_inputs(storage, settings), lambda item: item.key, settings.input_uri)
+        run_predictions(model, inputs, spool, settings)
+        extra = {"failed": spool.failed, "task": model.task, **shard.fields()}
+        if shard.sharded:  # the pod's share; a shard without PREDICT_OUTPUT_URI has only stdout
+            LOGGER.info("shard %d of %d: %d of the %d images", shard.index, shard.count, shard.taken, shard.listed)
         if settings.predict_output_uri:
             extra["output_uri"] = storage.uri(storage.locate(settings.predict_output_uri))
-            LOGGER.info("predictions saved to %s", save_document(storage, spool, settings, extra))
+            LOGGER.info("predictions saved to %s",
+                        save_document(storage, spool, settings, extra, shard.document_name()))
     except TrainerError as e:
         LOGGER.error("prediction failed (exit %d): %s", e.exit_code, redact(e))
         return e.exit_code

@@ -7,7 +7,7 @@ replace the stored ones), and EpochReporter, which turns each epoch into the con
 Ultralytics' multi-GPU relaunch: it is pickled into the DDP workers, where it makes its own clients.
 Environment (through Settings): CHECKPOINT_INTERVAL, SHUTDOWN_TIMEOUT, VALIDATION_IMAGES,
 VALIDATION_CONF; RANK (set by torch.distributed in DDP workers).
-Imports: utils, config, storage, backend, tracking, validation.
+Imports: utils, config, storage, backend, tracking, validation, progress.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from typing import Callable
 
 from backend import Backend
 from config import Settings, job_dir
+from progress import epoch_summary
 from storage import Storage
 from tracking import Tracker
 from utils import EXIT_CANCELLED, Cancelled, Redactor, within
@@ -373,6 +374,7 @@ class EpochReporter:
             return
         self.backend.poll_health_now()  # a cancellation pressed during the epoch is seen now
         body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
+        LOGGER.info("%s", summarize_epoch(trainer, epoch, total, train, body), extra={"epoch": epoch})
         self.backend.status("running", 100.0 * epoch / total, epoch=epoch, total_epochs=total,
                             **self.tracker.status_fields())
         self.tracker.log_metrics(row["extra_metrics"], step=epoch)
@@ -429,3 +431,15 @@ class EpochReporter:
             self.epochs_completed = int(rows["epoch"][-1])
             self.last_metrics = contract_metrics({k: v[-1] for k, v in rows.items()
                                                   if k.startswith(("metrics/", "val/"))}, None)
+
+
+def summarize_epoch(trainer, epoch: int, total: int, train: dict, body: dict) -> str:
+    """The epoch's summary line: training losses, primary metric, epoch time, ETA (mean epoch time of
+    this run times the epochs left)."""
+    losses = {k.removeprefix("train/"): v for k, v in train.items() if k.startswith("train/")}
+    seconds = getattr(trainer, "epoch_time", None)
+    started, done = getattr(trainer, "train_time_start", None), epoch - getattr(trainer, "start_epoch", 0)
+    mean = (time.time() - started) / done if started and done > 0 else seconds
+    eta = mean * (total - epoch) if mean is not None else None
+    metric = (body["primary_metric_name"], body["primary_metric_value"])
+    return epoch_summary(epoch, total, losses, metric, seconds, eta)

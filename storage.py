@@ -7,8 +7,8 @@ HEAD), listings across pages, and the classification of storage errors into bad 
 refused, an untrusted certificate) and transient failures (everything else).
 Environment (through config.StorageSettings): STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*,
 LOCAL_STORAGE_DIR, STORAGE_MAX_ATTEMPTS, STORAGE_TIMEOUT, STORAGE_CHECKSUM, TLS_CA_BUNDLE,
-TLS_VERIFY; AWS_* for STORAGE_TYPE=s3.
-Imports: utils, config.
+TLS_VERIFY, PROGRESS_INTERVAL; AWS_* for STORAGE_TYPE=s3.
+Imports: utils, config, progress.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Iterator, Mapping
 
 from config import StorageSettings
+from progress import TransferProgress
 from utils import BadInput, TransientError, human_size
 
 LOGGER = logging.getLogger("trainer")
@@ -170,6 +171,17 @@ class Storage:
         etag = meta.get("ETag", "").strip('"')
         return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
 
+    def check_bucket(self, bucket: str | None = None) -> None:
+        """The bucket exists and these credentials may use it (`--check`): BadInput if not, TransientError
+        if storage cannot be reached. A local store's bucket is a folder: StorageNotFound if it is missing."""
+        loc = Location(bucket or self.bucket, "")
+        if self._s3 is None:
+            if not self._path(loc).is_dir():
+                raise StorageNotFound(f"{self._path(loc)} does not exist")
+            return
+        self._buckets_seen.discard(loc.bucket)
+        self._check_bucket(loc)
+
     def _check_bucket(self, loc: Location) -> None:
         if loc.bucket in self._buckets_seen:
             return
@@ -206,7 +218,8 @@ class Storage:
                     streamed = self._get_streamed(loc, part, info.digest[0] if info.digest else None)
                 else:
                     with self._errors("download", loc):
-                        self._s3.download_file(loc.bucket, loc.key, str(part), Callback=self._progress)
+                        self._s3.download_file(loc.bucket, loc.key, str(part),
+                                               Callback=self._progress("downloading", loc, info.size))
                 got = part.stat().st_size
                 if got != info.size:
                     raise TransientError(f"download of {self.uri(loc)} is incomplete: {got} of {info.size} bytes")
@@ -230,19 +243,28 @@ class Storage:
         managed download (which asks for the size first) and no second pass over the file."""
         digest = Digest(algorithm) if algorithm else None
         with self._errors("download", loc):
-            body = self._s3.get_object(Bucket=loc.bucket, Key=loc.key)["Body"]
+            response = self._s3.get_object(Bucket=loc.bucket, Key=loc.key)
+            progress = self._progress("downloading", loc, response.get("ContentLength") or 0)
             with part.open("wb") as f:
-                for chunk in body.iter_chunks(1 << 20):
+                for chunk in response["Body"].iter_chunks(1 << 20):
                     f.write(chunk)
                     if digest:
                         digest.update(chunk)
-                    self._progress(len(chunk))
+                    progress(len(chunk))
         return digest.value() if digest else None
 
-    def _progress(self, _bytes: int) -> None:
-        """boto3's transfer callback: a safe point to stop at (the exception ends the transfer)."""
-        if self.interrupt:
-            self.interrupt()
+    def _progress(self, action: str, loc: Location, size: int) -> Callable[[int], None]:
+        """boto3's transfer callback: progress for people (progress.py, every PROGRESS_INTERVAL
+        seconds of a long transfer), and a safe point to stop at (what `interrupt` raises, a stop,
+        ends the transfer)."""
+        progress = TransferProgress(f"{action} {loc.name}", size, self.settings.progress_interval)
+
+        def callback(transferred: int) -> None:
+            progress(transferred)
+            if self.interrupt:
+                self.interrupt()
+
+        return callback
 
     def _mismatch(self, path: Path, info: ObjectInfo, previous: str | None,
                   computed: str | None = None) -> tuple[str | None, str | None]:
@@ -292,7 +314,7 @@ class Storage:
         previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress)
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress("uploading", loc, size))
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"

@@ -29,6 +29,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 import cache
+import cli
 from backend import Backend
 from config import Settings, backend_settings, job_dir, load_settings, log_configuration
 from dataset_check import check_dataset_or_fail
@@ -243,9 +244,11 @@ def report_config_error(error: ConfigError, redact: Redactor) -> int:
 
 
 def main() -> int:
+    if (code := cli.handle(sys.argv[1:], "train", __doc__)) is not None:  # --help, --check
+        return code
     load_dotenv(Path.cwd() / ".env", override=False)  # hand runs; real environment variables win
     redact = Redactor.from_environ(os.environ)
-    setup_logging(os.environ, redact)
+    setup_logging(os.environ, redact, capture_stdout=True)  # LOG_FORMAT=json: stdout's lines become JSON too
     try:
         settings = load_settings(os.environ, "train", check_train_args=ultralytics_arg_problems)
     except ConfigError as e:

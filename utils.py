@@ -1,13 +1,14 @@
 """The small shared glue of the trainer: exit codes, errors, logging with secret redaction.
 
-Every other module imports from here; this module imports no other module of the project.
+Every other module imports from here; this module imports no other module of the project (but
+jsonlog, inside setup_logging, for LOG_FORMAT=json).
 Owns: the exit codes a Kubernetes Job's podFailurePolicy acts on, the error classes whose type
 decides them (BadInput 2, TransientError 75, Cancelled 143, anything else 1), the Redactor every
 text that leaves the process passes through, logging to stderr, and small helpers (`within`,
 `available_cpus`, `now_iso`, `human_size`).
 
-Environment: LOG_LEVEL (read by setup_logging); every variable whose name contains KEY, SECRET,
-TOKEN or PASSWORD is a secret the Redactor masks.
+Environment: LOG_LEVEL and LOG_FORMAT (read by setup_logging); every variable whose name
+contains KEY, SECRET, TOKEN or PASSWORD is a secret the Redactor masks.
 """
 
 from __future__ import annotations
@@ -116,11 +117,20 @@ class _RedactingFilter(logging.Filter):
         return True
 
 
-def setup_logging(environ: Mapping[str, str], redact: Redactor) -> None:
-    """Log to stderr, through the redaction filter; Ultralytics' logger is routed here too."""
+def setup_logging(environ: Mapping[str, str], redact: Redactor, capture_stdout: bool = False) -> None:
+    """Log to stderr, through the redaction filter; Ultralytics' logger is routed here too.
+
+    LOG_FORMAT=json: one JSON object per line, and whatever else the process writes to stderr (to
+    stdout too with capture_stdout: train.py's carries nothing else) becomes such lines (jsonlog.py).
+    """
     level = (environ.get("LOG_LEVEL") or "INFO").upper()  # config.ENV_VARS has the same default
-    handler = logging.StreamHandler()  # stderr: stdout belongs to predict.py's JSON
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    if (environ.get("LOG_FORMAT") or "").strip().lower() == "json":  # config.load_settings reports other values
+        from jsonlog import json_handler
+
+        handler = json_handler(environ.get("JOB_ID"), capture_stdout)
+    else:
+        handler = logging.StreamHandler()  # stderr: stdout belongs to predict.py's JSON
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     handler.addFilter(_RedactingFilter(redact))
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from config import ENV_VARS, load_settings
+from config import ENV_HELP, ENV_VARS, load_settings
 from tests.conftest import ROOT, run_entry
 from utils import ConfigError, Redactor
 
@@ -96,6 +96,8 @@ def test_task_type_accepts_platform_and_ultralytics_names(alias, task):
     ({"DATASET_CHECK": "maybe"}, "DATASET_CHECK='maybe' must be strict, warn or off"),
     ({"DATASET_MAX_FILES": "0"}, "DATASET_MAX_FILES=0 is out of range"),
     ({"TLS_VERIFY": "perhaps"}, "TLS_VERIFY='perhaps' must be true or false"),
+    ({"LOG_FORMAT": "xml"}, "LOG_FORMAT='xml' must be text or json"),
+    ({"PROGRESS_INTERVAL": "-1"}, "PROGRESS_INTERVAL=-1 is out of range"),
     ({"DATASET_URI": "s3://bucket/a/../b.zip"}, "DATASET_URI='s3://bucket/a/../b.zip' must be s3://bucket/key"),
     ({"DATASET_URI": "s3://bucket//b.zip"}, "DATASET_URI='s3://bucket//b.zip' must be s3://bucket/key"),
     ({"MODEL_NAME": "yolo\x00.pt"}, "MODEL_NAME must be at most 1024 characters with no control characters"),
@@ -155,6 +157,11 @@ def test_env_example_lists_every_variable_the_code_reads():
     example = (ROOT / ".env.example").read_text()
     names = set(re.findall(r"^#?\s*([A-Z][A-Z0-9_]+)=", example, re.M))
     assert names == set(ENV_VARS), (set(ENV_VARS) - names, names - set(ENV_VARS))
+
+
+def test_every_variable_has_a_one_line_meaning_for_help():
+    assert set(ENV_HELP) == set(ENV_VARS), set(ENV_HELP) ^ set(ENV_VARS)  # --help prints ENV_VARS' order
+    assert all(meaning.strip() and "\n" not in meaning for meaning in ENV_HELP.values())
 
 
 def test_configuration_table_in_the_docs_lists_every_variable():

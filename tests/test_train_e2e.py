@@ -233,6 +233,13 @@ def test_configuration_is_logged_once_with_secrets_masked(job):
     assert config["epochs"] == EPOCHS
 
 
+def test_each_epoch_logs_one_summary_line_with_losses_metric_time_and_eta(job):
+    line = re.compile(r" trainer: epoch (\d+)/(\d+) \| train loss box \d+\.\d{3} cls \d+\.\d{3} dfl \d+\.\d{3} \| "
+                      r"mAP@0\.5 \d\.\d{4} \| \d+\.\d s, ETA (\d+ s|\d+ min \d\d s)$")
+    found = [(int(m[1]), int(m[2])) for m in map(line.search, job["result"].stderr.splitlines()) if m]
+    assert found == [(epoch, EPOCHS) for epoch in range(1, EPOCHS + 1)], job["result"].stderr[-3000:]
+
+
 def test_runs_offline_without_any_outside_connection_attempt(job):
     assert job["result"].returncode == 0
     attempts = job["net_log"].read_text() if job["net_log"].exists() else ""
