@@ -3,6 +3,8 @@ the same arguments, both as whole processes, alternating, medians (issue 13's ta
 
     python -m bench.overhead_bench [--pairs 3] [--epochs 8] [--train 24] [--val 8] [--imgsz 64]
         [--batch 8] [--workers N] [--model yolo11n.yaml] [--mlflow server|sqlite] [--fresh-work-dir]
+        [--direct] [--probe]
+    python -m bench.overhead_bench --pairs 1 --epochs 3 --no-warmup      # a quick check
 
 Services, each its own process (group), started once and stopped at the end:
 - moto's S3 server (`python -m moto.server`), behind bench/s3_count_proxy.py, which records every
@@ -27,7 +29,9 @@ row appears; the S3 server, proxy, backend and MLflow server are other processes
 its total CPU (os.wait4); finish (results.csv's last row written, the end of the last epoch, to
 exit); and for train.py the bytes it PUT to storage: per epoch (every upload but the last of each
 key, over the epochs) and at the end. Prints the table with the issue's targets, then the times at
-which train.py reached each of its steps.
+which train.py reached each of its steps. --direct: train.py talks to moto without the proxy (no byte
+counts; shows what the proxy itself costs). --probe: one more train.py run through
+bench/trainer_probe.py, with the wall and CPU time of train.py's own functions and threads.
 """
 
 from __future__ import annotations
@@ -311,7 +315,7 @@ def plain_run(n: int, args, work: Path, data_yaml: Path, dataset: Path, env: dic
     return run
 
 
-def trainer_run(n: int, args, work: Path, services: Services, archive: Path, env: dict) -> Run:
+def trainer_run(n: int, args, work: Path, services: Services, archive: Path, env: dict, probe: Path | None = None) -> Run:
     job = f"ovh{n}-{os.getpid()}"
     key = f"datasets/bench-{job}.zip"
     services.s3.upload_file(str(archive), BUCKET, key)  # a new key: a cache miss, a real download
@@ -320,15 +324,19 @@ def trainer_run(n: int, args, work: Path, services: Services, archive: Path, env
                "EPOCHS": str(args.epochs), "IMGSZ": str(args.imgsz), "BATCH_SIZE": str(args.batch),
                "LEARNING_RATE": str(args.lr0), "DEVICE": "cpu", "WORKERS": str(args.workers),
                "TRAIN_ARGS": json.dumps({"seed": 0, "plots": False}), "STORAGE_TYPE": "minio",
-               "MINIO_ENDPOINT": services.s3_proxy, "MINIO_ACCESS_KEY": ACCESS_KEY, "MINIO_SECRET_KEY": SECRET_KEY,
+               "MINIO_ENDPOINT": services.s3_direct if args.direct else services.s3_proxy, "MINIO_ACCESS_KEY": ACCESS_KEY, "MINIO_SECRET_KEY": SECRET_KEY,
                "STORAGE_BUCKET": BUCKET, "WORK_DIR": str(work_dir),
                "CALLBACK_URL": f"{services.backend}/internal/training/{job}", "INTERNAL_AUTH_TOKEN": TOKEN,
                "MLFLOW_EXPERIMENT_NAME": "overhead-bench"}
     if services.mlflow_uri:
         job_env["MLFLOW_TRACKING_URI"] = services.mlflow_uri
+    cmd = [sys.executable, str(ROOT / "train.py")]
+    if probe:
+        cmd, job_env["BENCH_PROBE_OUT"] = [sys.executable, "-m", "bench.trainer_probe"], str(probe)
+        job_env["PYTHONPATH"] = str(ROOT)
     csv = work_dir / "jobs" / f"job-{job}" / "train" / "results.csv"
-    run = run_process("train.py", [sys.executable, str(ROOT / "train.py")], job_env, work, csv,
-                      work / "logs" / f"trainer-{n}.log", args.timeout)
+    run = run_process("train.py", cmd, job_env, work, csv, work / "logs" / f"trainer-{n}{'-probe' if probe else ''}.log",
+                      args.timeout)
     run.uploads = uploads_of(services.record, run)
     check_callbacks(services.callbacks, job, args.epochs, run)
     services.s3.delete_object(Bucket=BUCKET, Key=key)
@@ -404,7 +412,8 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
     checkpoint = median([r.uploads["checkpoint"] for r in ours])
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
           f"{args.model} on the CPU, {args.train} train + {args.val} val images at imgsz {args.imgsz}, batch {args.batch}, "
-          f"workers {args.workers}, {args.epochs} epochs; MLflow {args.mlflow}; S3: moto behind the counting proxy; "
+          f"workers {args.workers}, {args.epochs} epochs; MLflow {args.mlflow}; S3: moto"
+          f"{' (direct)' if args.direct else ' behind the counting proxy'}; "
           f"median of {len(ours)} alternating pairs; load before: {load}\n")
     print("| measure | plain Ultralytics | train.py | train.py vs plain | target | met |")
     print("| --- | ---: | ---: | ---: | --- | --- |")
@@ -422,13 +431,17 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
     row("finish: end of last epoch to exit, s", p["finish"], t["finish"], "diff", "plain + 3 s", lambda d: d <= 3)
     row("whole process, wall s", p["wall"], t["wall"], "ratio", "aim < 1.10", lambda d: d < 1.10)
     row("whole process, CPU s", p["cpu_total"], t["cpu_total"], "ratio", "(no target)", lambda d: True)
-    ok = during <= (checkpoint or 0) * 1.01
-    print(f"| bytes PUT to storage per epoch | - | {mb(during)} | {fmt(during / checkpoint if checkpoint else None)} "
-          f"checkpoints (one last.pt: {mb(checkpoint)}) | <= one checkpoint | {'yes' if ok else '**no**'} |")
-    print(f"| bytes PUT to storage after training | - | {mb(final)} | | | |")
-    keys = ours[-1].uploads["per_key"]
-    print(f"\nper-epoch uploads in the last train.py run: "
-          + ", ".join(f"{k} x{n}" for k, n in sorted(keys.items())) + f"; server-side copies: {ours[-1].uploads['copies']}")
+    if args.direct:
+        print("| bytes PUT to storage per epoch | - | n/a (--direct) | | <= one checkpoint | |")
+    else:
+        ok = during <= (checkpoint or 0) * 1.01
+        print(f"| bytes PUT to storage per epoch | - | {mb(during)} | {fmt(during / checkpoint if checkpoint else None)} "
+              f"checkpoints (one last.pt: {mb(checkpoint)}) | <= one checkpoint | {'yes' if ok else '**no**'} |")
+        print(f"| bytes PUT to storage after training | - | {mb(final)} | | | |")
+        keys = ours[-1].uploads["per_key"]
+        print(f"\nper-epoch uploads in the last train.py run: "
+              + ", ".join(f"{k} x{n}" for k, n in sorted(keys.items()))
+              + f"; server-side copies: {ours[-1].uploads['copies']}")
     print("\nper run (wall s / start s / per-epoch s / CPU per epoch s / finish s):")
     for r in plain + ours:
         print(f"- {r.side}: {fmt(r.wall, '.1f')} / {fmt(r.start)} / {fmt(r.per_epoch)} / {fmt(r.cpu_per_epoch)} / "
@@ -446,6 +459,32 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
     print(f"| process exit | {fmt(p['wall'])} | {fmt(t['wall'])} | {fmt(t['wall'] - previous)} |")
 
 
+def report_probe(probe: Path, epochs: int) -> None:
+    """bench/trainer_probe.py's totals: train.py's own functions, and CPU per thread per epoch."""
+    data = json.loads(probe.read_text())
+    print("\nInside train.py (one extra run through bench/trainer_probe.py; wall and CPU of the calling thread):\n")
+    print("| function | thread | calls | wall s | CPU s | CPU s per epoch |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for row in sorted(data["functions"], key=lambda r: -r["wall"]):
+        if row["wall"] >= 0.005:
+            print(f"| {row['function']} | {row['thread']} | {row['calls']} | {row['wall']:.3f} | {row['cpu']:.3f} | "
+                  f"{row['cpu'] / epochs:.3f} |")
+    samples = {}
+    for sample in data["epochs"]:
+        if sample["epoch"] <= epochs:
+            samples.setdefault(sample["epoch"], sample)
+    if len(samples) < 2:
+        return
+    first, last = samples[min(samples)], samples[max(samples)]
+    n = max(samples) - min(samples)
+    print(f"\nCPU seconds per epoch by thread (epoch ends {min(samples)} to {max(samples)}):\n")
+    print("| thread | CPU s per epoch |")
+    print("| --- | ---: |")
+    for name in sorted(last["threads"], key=lambda k: -(last["threads"][k] - first["threads"].get(k, 0))):
+        print(f"| {name} | {(last['threads'][name] - first['threads'].get(name, 0)) / n:.3f} |")
+    print(f"| whole process | {(last['process'] - first['process']) / n:.3f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=3, help="alternating pairs of runs; medians are reported")
@@ -461,6 +500,9 @@ def main() -> None:
     parser.add_argument("--mlflow", choices=("server", "sqlite"), default="server")
     parser.add_argument("--fresh-work-dir", action="store_true", help="a new WORK_DIR for every train.py run (a new pod)")
     parser.add_argument("--no-warmup", action="store_true")
+    parser.add_argument("--direct", action="store_true", help="train.py talks to moto directly: no byte counts")
+    parser.add_argument("--probe", action="store_true",
+                        help="one more train.py run through bench/trainer_probe.py: where its time goes, by function")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed")
     parser.add_argument("--workdir", type=Path, help="keep logs and files here (default: a temporary folder)")
     args = parser.parse_args()
@@ -494,9 +536,13 @@ def main() -> None:
                     raise SystemExit(f"{side} run {n} exited {run.code}; see {work / 'logs'}")
                 (plain if side == "plain" else ours).append(run)
                 print(f"pair {n}: {side} {run.wall:.1f} s", file=sys.stderr)
+        if args.probe:
+            trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
     finally:
         services.stop()
     report(plain, ours, args, load)
+    if args.probe:
+        report_probe(work / "probe.json", args.epochs)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 
