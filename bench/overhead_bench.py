@@ -456,12 +456,17 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
         before = median([r.first(pattern) for r in plain]) if re.search("Starting|epochs completed|Validating", pattern) else None
         print(f"| {name} | {fmt(before)} | {fmt(at)} | {fmt(at - previous if at == at else None)} |")
         previous = at if at == at else previous
-    print(f"| process exit | {fmt(p['wall'])} | {fmt(t['wall'])} | {fmt(t['wall'] - previous)} |")
+    last_p = median([r.lines[-1][0] - r.launch for r in plain if r.lines])
+    last_t = median([r.lines[-1][0] - r.launch for r in ours if r.lines])
+    print(f"| last line of output | {fmt(last_p)} | {fmt(last_t)} | {fmt(last_t - previous)} |")
+    print(f"| process exit | {fmt(p['wall'])} | {fmt(t['wall'])} | {fmt(t['wall'] - last_t)} |")
 
 
-def report_probe(probe: Path, epochs: int) -> None:
+def report_probe(probe: Path, epochs: int, exited: float) -> None:
     """bench/trainer_probe.py's totals: train.py's own functions, and CPU per thread per epoch."""
     data = json.loads(probe.read_text())
+    print(f"\ntrain.main() returned {exited - data['returned']:.2f} s before the process exited; threads still "
+          f"alive then: {', '.join(data['threads_at_return']) or 'none'}")
     print("\nInside train.py (one extra run through bench/trainer_probe.py; wall and CPU of the calling thread):\n")
     print("| function | thread | calls | wall s | CPU s | CPU s per epoch |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
@@ -537,12 +542,12 @@ def main() -> None:
                 (plain if side == "plain" else ours).append(run)
                 print(f"pair {n}: {side} {run.wall:.1f} s", file=sys.stderr)
         if args.probe:
-            trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
+            probe_run = trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
     finally:
         services.stop()
     report(plain, ours, args, load)
     if args.probe:
-        report_probe(work / "probe.json", args.epochs)
+        report_probe(work / "probe.json", args.epochs, probe_run.exit)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
 

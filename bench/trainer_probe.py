@@ -14,6 +14,7 @@ cost microseconds per call; the figures are for finding where time goes, not for
 
 from __future__ import annotations
 
+import faulthandler
 import functools
 import json
 import os
@@ -102,7 +103,12 @@ def main() -> int:
     out = os.environ.get("BENCH_PROBE_OUT")
     if out:
         rows = [{"function": f, "thread": t, "calls": c, "wall": w, "cpu": u} for (f, t), (c, w, u) in STATS.items()]
-        Path(out).write_text(json.dumps({"functions": rows, "epochs": EPOCHS}))
+        alive = [f"{t.name}{' (daemon)' if t.daemon else ''}" for t in threading.enumerate()
+                 if t is not threading.main_thread()]
+        Path(out).write_text(json.dumps({"functions": rows, "epochs": EPOCHS, "returned": time.time(),
+                                         "threads_at_return": alive}))
+    # If the interpreter's shutdown (joining threads, atexit handlers) takes long, say what it waits on.
+    faulthandler.dump_traceback_later(1.0, exit=False)
     return code
 
 
