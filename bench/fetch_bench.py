@@ -58,6 +58,10 @@ DATA_YAML = b"path: .\ntrain: images/train\nval: images/val\nnames:\n  0: rectan
 SIDES = ("s5cmd", "trainer", "boto3")
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -304,7 +308,7 @@ def report(results: dict, args, load: str, sizes: dict) -> None:
     shapes = args.shapes.split(",")
     s5_version = subprocess.run([s5cmd_binary(), "version"], capture_output=True, text=True).stdout.strip()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"moto S3 server on this machine; s5cmd {s5_version}; median of {args.rounds} rounds, order rotating; "
+          f"moto S3 server on this machine; s5cmd {s5_version}; median of {max(len(v) for v in results.values())} rounds, order rotating; "
           f"load before: {load}\n")
     print(f"- archive: {sizes['archive_mb']:.0f} MB {args.format} ({sizes['archive'][0]} files, "
           f"{sizes['archive'][1] / 1e6:.0f} MB extracted); s5cmd side: `s5cmd cp` then "
@@ -316,6 +320,9 @@ def report(results: dict, args, load: str, sizes: dict) -> None:
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for shape in shapes:
         s5, tr, bo = (med(results[(side, shape)], "total") for side in SIDES)
+        if None in (s5, tr, bo):
+            print(f"| {shape} | {fmt(s5)} | {fmt(tr)} | {fmt(bo)} | - | incomplete | - | - |")
+            continue
         ratio = tr / s5
         vs_boto = bo / tr
         boto_target = ">= 4x" if shape == "prefix" else "-"
@@ -332,11 +339,11 @@ def report(results: dict, args, load: str, sizes: dict) -> None:
             total = med(runs, "total")
             parts = {k: med(runs, k) for k in ("download", "checksum", "extract")}
             other = None
-            if side == "trainer" and shape == "archive":
+            if side == "trainer" and shape == "archive" and total is not None:
                 other = total - sum(v for v in parts.values() if v)
             print(f"| {shape} | {side} | {fmt(total)} | {fmt(parts['download'])} | {fmt(parts['checksum'])} | "
                   f"{fmt(parts['extract'])} | {fmt(other)} |")
-    if "archive" not in shapes:
+    if "archive" not in shapes or any(not results[(side, "archive")] for side in SIDES):
         return
     mb_s = sizes["archive_mb"] / med(results[("s5cmd", "archive")], "download")
     print(f"\nArchive download rate: s5cmd {mb_s:.0f} MB/s, trainer "
@@ -377,13 +384,17 @@ def main() -> None:
         upload_prefix(server.s3, ctx["prefix"], prefix_files)
         shapes = args.shapes.split(",")
         results = {(side, shape): [] for side in SIDES for shape in ("archive", "prefix")}
-        for n in range(args.rounds):
-            order = SIDES[n % 3:] + SIDES[:n % 3]
-            for shape in shapes:
-                for side in order:
-                    times = measure(side, shape, ctx, n)
-                    results[(side, shape)].append(times)
-                    print(f"round {n + 1}: {shape} {side} {times['total']:.1f} s", file=sys.stderr)
+        signal.signal(signal.SIGTERM, interrupted)  # `timeout` ends a long run: report the rounds done
+        try:
+            for n in range(args.rounds):
+                order = SIDES[n % 3:] + SIDES[:n % 3]
+                for shape in shapes:
+                    for side in order:
+                        times = measure(side, shape, ctx, n)
+                        results[(side, shape)].append(times)
+                        print(f"round {n + 1}: {shape} {side} {times['total']:.1f} s", file=sys.stderr)
+        except KeyboardInterrupt:
+            print("interrupted: reporting the runs completed so far", file=sys.stderr)
     finally:
         server.stop()
     sizes = {"archive_mb": archive.stat().st_size / 1e6, "archive": (archive_files, archive_bytes),

@@ -86,6 +86,10 @@ MILESTONES = [
 ]
 
 
+def interrupted(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -288,7 +292,12 @@ def run_process(side: str, cmd: list[str], env: dict, cwd: Path, csv: Path, log:
         t.start()
     killer = threading.Timer(timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
     killer.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    try:
+        _, status, usage = os.wait4(proc.pid, 0)
+    except BaseException:  # interrupted: the child (its own session) must not outlive the bench
+        os.killpg(proc.pid, signal.SIGKILL)
+        os.wait4(proc.pid, 0)
+        raise
     run.exit = time.time()
     killer.cancel()
     done.set()
@@ -414,7 +423,7 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
           f"{args.model} on the CPU, {args.train} train + {args.val} val images at imgsz {args.imgsz}, batch {args.batch}, "
           f"workers {args.workers}, {args.epochs} epochs; MLflow {args.mlflow}; S3: moto"
           f"{' (direct)' if args.direct else ' behind the counting proxy'}; "
-          f"median of {len(ours)} alternating pairs; load before: {load}\n")
+          f"median of {len(ours)} train.py and {len(plain)} plain runs, alternating; load before: {load}\n")
     print("| measure | plain Ultralytics | train.py | train.py vs plain | target | met |")
     print("| --- | ---: | ---: | ---: | --- | --- |")
 
@@ -531,22 +540,28 @@ def main() -> None:
         if not args.no_warmup:
             plain_run(0, args, work, data_yaml, dataset, plain_env)
             trainer_run(0, args, work, services, archive, env)
-        plain, ours = [], []
-        for n in range(1, args.pairs + 1):
-            order = ("plain", "train.py") if n % 2 else ("train.py", "plain")
-            for side in order:
-                run = (plain_run(n, args, work, data_yaml, dataset, plain_env) if side == "plain"
-                       else trainer_run(n, args, work, services, archive, env))
-                if run.code != 0:
-                    raise SystemExit(f"{side} run {n} exited {run.code}; see {work / 'logs'}")
-                (plain if side == "plain" else ours).append(run)
-                print(f"pair {n}: {side} {run.wall:.1f} s", file=sys.stderr)
-        if args.probe:
-            probe_run = trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
+        plain, ours, probe_run = [], [], None
+        signal.signal(signal.SIGTERM, interrupted)  # `timeout` ends a long run: report the pairs done
+        try:
+            for n in range(1, args.pairs + 1):
+                order = ("plain", "train.py") if n % 2 else ("train.py", "plain")
+                for side in order:
+                    run = (plain_run(n, args, work, data_yaml, dataset, plain_env) if side == "plain"
+                           else trainer_run(n, args, work, services, archive, env))
+                    if run.code != 0:
+                        raise SystemExit(f"{side} run {n} exited {run.code}; see {work / 'logs'}")
+                    (plain if side == "plain" else ours).append(run)
+                    print(f"pair {n}: {side} {run.wall:.1f} s", file=sys.stderr)
+            if args.probe:
+                probe_run = trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
+        except KeyboardInterrupt:
+            print("interrupted: reporting the runs completed so far", file=sys.stderr)
     finally:
         services.stop()
+    if not plain or not ours:
+        raise SystemExit("no complete run on each side: nothing to report")
     report(plain, ours, args, load)
-    if args.probe:
+    if probe_run:
         report_probe(work / "probe.json", args.epochs, probe_run.exit)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
