@@ -3,6 +3,7 @@ by side (issue 13's dataset-fetch targets).
 
     python -m bench.fetch_bench [--rounds 3] [--archive-mb 300] [--files 2000] [--format zip|tar]
     python -m bench.fetch_bench --archive-mb 60 --files 300 --rounds 2      # a quick check
+    python -m bench.fetch_bench --shapes archive      # one shape per invocation: shorter runs
 
 One moto S3 server (`python -m moto.server`, its own process) holds two datasets:
 - an archive of about --archive-mb MB (images of 20-60 KB of random bytes, a label file each, a
@@ -379,10 +380,12 @@ def main() -> None:
                "key": f"datasets/{archive.name}", "prefix": "datasets/images-prefix/",
                "archive_expected": (archive_files, archive_bytes),
                "prefix_expected": (len(prefix_files), sum(len(d) for _, d in prefix_files))}
-        with archive.open("rb") as f:  # one PUT: the ETag is the MD5, which the trainer verifies
-            server.s3.put_object(Bucket=BUCKET, Key=ctx["key"], Body=f)
-        upload_prefix(server.s3, ctx["prefix"], prefix_files)
         shapes = args.shapes.split(",")
+        if "archive" in shapes:
+            with archive.open("rb") as f:  # one PUT: the ETag is the MD5, which the trainer verifies
+                server.s3.put_object(Bucket=BUCKET, Key=ctx["key"], Body=f)
+        if "prefix" in shapes:
+            upload_prefix(server.s3, ctx["prefix"], prefix_files)
         results = {(side, shape): [] for side in SIDES for shape in ("archive", "prefix")}
         signal.signal(signal.SIGTERM, interrupted)  # `timeout` ends a long run: report the rounds done
         try:
