@@ -4,6 +4,7 @@ by side (issue 13's dataset-fetch targets).
     python -m bench.fetch_bench [--rounds 3] [--archive-mb 300] [--files 2000] [--format zip|tar]
     python -m bench.fetch_bench --archive-mb 60 --files 300 --rounds 2      # a quick check
     python -m bench.fetch_bench --shapes archive      # one shape per invocation: shorter runs
+    python -m bench.fetch_bench --shapes '' --download-variants     # the archive's download, by client
 
 One moto S3 server (`python -m moto.server`, its own process) holds two datasets:
 - an archive of about --archive-mb MB (images of 20-60 KB of random bytes, a label file each, a
@@ -264,6 +265,43 @@ def trainer_fetch(endpoint: str, uri: str, work_dir: Path) -> tuple[dict, Path]:
     return {"total": total, **phases.seconds}, root
 
 
+def download_variants(ctx: dict, rounds: int) -> dict[str, list[float]]:
+    """The archive's download alone (no extraction, no checks) by several clients, for choosing one."""
+    from boto3.s3.transfer import TransferConfig
+
+    tuned = TransferConfig(multipart_chunksize=32 * 2**20, max_concurrency=8, io_chunksize=2**20)
+    target = ctx["work"] / "variant.bin"
+
+    def single_get_md5() -> None:
+        import hashlib
+
+        digest = hashlib.md5(usedforsecurity=False)
+        body = ctx["s3"].get_object(Bucket=BUCKET, Key=ctx["key"])["Body"]
+        with target.open("wb") as f:
+            while chunk := body.read(2**20):
+                digest.update(chunk)
+                f.write(chunk)
+
+    variants = {
+        "s5cmd cp": lambda: run_s5cmd(["cp", f"s3://{BUCKET}/{ctx['key']}", str(target)], ctx["endpoint"]),
+        "boto3 download_file, default TransferConfig (the trainer's)":
+            lambda: ctx["s3"].download_file(BUCKET, ctx["key"], str(target)),
+        "boto3 download_file, 32 MB parts, 8 threads, 1 MB io chunks":
+            lambda: ctx["s3"].download_file(BUCKET, ctx["key"], str(target), Config=tuned),
+        "one get_object stream, MD5 while writing": single_get_md5,
+    }
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for n in range(rounds):
+        names = list(variants)
+        for name in names[n % len(names):] + names[:n % len(names)]:
+            start = time.perf_counter()
+            variants[name]()
+            times[name].append(time.perf_counter() - start)
+            target.unlink()
+            print(f"round {n + 1}: download {name} {times[name][-1]:.1f} s", file=sys.stderr)
+    return times
+
+
 # ----------------------------------------------------------------------------------------------
 # Rounds and report
 # ----------------------------------------------------------------------------------------------
@@ -306,7 +344,7 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 
 
 def report(results: dict, args, load: str, sizes: dict) -> None:
-    shapes = args.shapes.split(",")
+    shapes = [s for s in args.shapes.split(",") if s]
     s5_version = subprocess.run([s5cmd_binary(), "version"], capture_output=True, text=True).stdout.strip()
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
           f"moto S3 server on this machine; s5cmd {s5_version}; median of {max(len(v) for v in results.values())} rounds, order rotating; "
@@ -358,7 +396,9 @@ def main() -> None:
     parser.add_argument("--archive-mb", type=int, default=300, help="archive size in MB (about 40 KB per image)")
     parser.add_argument("--files", type=int, default=2000, help="images under the prefix")
     parser.add_argument("--format", choices=("zip", "tar"), default="zip")
-    parser.add_argument("--shapes", default="archive,prefix")
+    parser.add_argument("--shapes", default="archive,prefix", help="'' with --download-variants: those alone")
+    parser.add_argument("--download-variants", action="store_true",
+                        help="also time the archive's download alone by s5cmd and boto3 set up several ways")
     parser.add_argument("--stored-checksum", choices=("md5", "crc32"), default="md5",
                         help="what the trainer verifies against: the MD5 ETag (objects uploaded without a checksum), "
                              "or a CRC32 the store keeps (boto3 >= 1.36's default upload)")
@@ -380,8 +420,8 @@ def main() -> None:
                "key": f"datasets/{archive.name}", "prefix": "datasets/images-prefix/",
                "archive_expected": (archive_files, archive_bytes),
                "prefix_expected": (len(prefix_files), sum(len(d) for _, d in prefix_files))}
-        shapes = args.shapes.split(",")
-        if "archive" in shapes:
+        shapes, variants = [s for s in args.shapes.split(",") if s], {}
+        if "archive" in shapes or args.download_variants:
             with archive.open("rb") as f:  # one PUT: the ETag is the MD5, which the trainer verifies
                 server.s3.put_object(Bucket=BUCKET, Key=ctx["key"], Body=f)
         if "prefix" in shapes:
@@ -396,13 +436,24 @@ def main() -> None:
                         times = measure(side, shape, ctx, n)
                         results[(side, shape)].append(times)
                         print(f"round {n + 1}: {shape} {side} {times['total']:.1f} s", file=sys.stderr)
+            if args.download_variants:
+                variants = download_variants(ctx, args.rounds)
         except KeyboardInterrupt:
             print("interrupted: reporting the runs completed so far", file=sys.stderr)
     finally:
         server.stop()
     sizes = {"archive_mb": archive.stat().st_size / 1e6, "archive": (archive_files, archive_bytes),
              "prefix": ctx["prefix_expected"]}
-    report(results, args, load, sizes)
+    if any(results[(side, shape)] for side in SIDES for shape in shapes):
+        report(results, args, load, sizes)
+    if variants:
+        print(f"\nThe archive's download alone ({sizes['archive_mb']:.0f} MB, no extraction, no check), median:\n")
+        print("| client | s | MB/s |")
+        print("| --- | ---: | ---: |")
+        for name, values in variants.items():
+            if values:
+                t = statistics.median(values)
+                print(f"| {name} | {t:.1f} | {sizes['archive_mb'] / t:.0f} |")
 
 
 if __name__ == "__main__":
