@@ -27,6 +27,15 @@ Three ways to fetch each, in turns (the order rotates every round), medians over
 
 Every run's output is checked afterwards (file count and bytes) and deleted before the next.
 The boto3 client and imports are made before the clock starts, for the trainer and for boto3.
+
+Read the archive figures knowing the server: moto answers every GET, ranged or not, by copying
+the whole object out of its buffer under a per-object lock (moto.s3.models.FakeKey.value), so on
+moto a download costs the object's size per request and ranged GETs do not run in parallel. A
+client that splits 300 MB into 38 parts of 8 MB (boto3's default) pays that 38 times; real S3 and
+MinIO serve a range in time proportional to the range. --download-variants times the download
+alone by s5cmd (50 MB parts), boto3 with its default and with larger parts, and one streamed
+get_object, to show how much of a gap is the part count. On the prefix, moto's request rate bounds
+every client on a small machine; a client's request count per object matters there.
 """
 
 from __future__ import annotations
