@@ -344,6 +344,8 @@ class EpochReporter:
         """Ultralytics just wrote last.pt (and best.pt if this epoch is the best): upload them."""
         if not self.reports():
             return
+        if trainer.stop and int(os.environ.get("RANK", -1)) == -1:
+            return  # the last epoch: train.py uploads the final (stripped, smaller) files in a moment
         epoch = trainer.epoch + 1
         files, copies = {}, {}
         if epoch % self.settings.checkpoint_interval == 0 or trainer.stop:
