@@ -40,6 +40,10 @@ demo: venv
 bench: venv
 	$(PY) -m bench.predict_bench
 	$(PY) -m bench.callbacks_bench --repeats 3
+	$(PY) -m bench.validation_bench
+	$(PY) -m bench.overhead_bench
+	$(PY) -m bench.fetch_bench --shapes archive
+	$(PY) -m bench.fetch_bench --shapes prefix
 
 gpu-check: venv
 	$(PY) -m bench.gpu_check
