@@ -9,13 +9,14 @@ after training (`export_after_training`).
 
 The comparison, on the same images at the same size: both models predict down to VERIFY_CONF.
 Every detection either model is sure of (confidence >= FIRM_CONF) must have its own partner in the
-other's predictions with the same class, every box coordinate within max(BOX_TOL_PX, BOX_TOL_FRACTION
-of the image's longer side) and the confidence within CONF_TOL; each image's most confident
-detection is compared the same way even below FIRM_CONF when it clearly leads (the next one is
-below LEAD x its confidence), so an early checkpoint is compared too. Classification: the same top-1
-class (a tie within CONF_TOL either way) and the top-5 probabilities within CONF_TOL. Masks and
-keypoints are not compared, their boxes are. And the networks' raw main outputs (boxes and scores
-before NMS, or probabilities) on the same input tensors must agree within RAW_TOL of their range.
+other's predictions with the same class, every box coordinate within max(BOX_TOL_PX,
+BOX_TOL_FRACTION of the image's longer side) and the confidence within CONF_TOL of it (at least
+CONF_FLOOR); each image's most confident detection is compared the same way even below FIRM_CONF
+when it clearly leads (the next one is below LEAD x its confidence), so an early checkpoint is
+compared too. Classification: the same top-1 class (a tie within that tolerance either way) and
+the top-5 probabilities within it. Masks and keypoints are not compared, their boxes are. And the
+networks' raw main outputs (boxes and scores before NMS, or probabilities) on the same input
+tensors must agree within RAW_TOL of each output channel's range.
 
 Environment (through Settings): EXPORT_FORMATS, EXPORT_VERIFY_IMAGES, IMGSZ, DEVICE, and for
 export.py EXPORT_OUTPUT_URI. Ultralytics must not pip-install a missing exporter package:
@@ -43,10 +44,12 @@ LOGGER = logging.getLogger("trainer")
 VERIFY_CONF = 0.001  # both models predict down to this confidence (Ultralytics' validation default)
 FIRM_CONF = 0.05  # detections this confident must have a partner in the other model's predictions
 LEAD = 0.9  # the top detection is compared too when the next one is below LEAD x its confidence
-CONF_TOL = 0.02  # largest confidence difference accepted
+CONF_TOL = 0.02  # largest confidence difference accepted, as a share of the confidence ...
+CONF_FLOOR = 0.001  # ... or this, whichever is larger
 BOX_TOL_PX = 2.0  # largest box coordinate difference accepted, in pixels of the original image ...
 BOX_TOL_FRACTION = 0.01  # ... or this share of the image's longer side, whichever is larger
-RAW_TOL = 0.01  # largest raw output difference accepted, as a share of the checkpoint's largest output
+RAW_TOL = 0.01  # largest raw output difference accepted, as a share of the checkpoint's largest value ...
+RAW_FLOOR = 0.01  # ... in that output channel, or of this, whichever is larger
 
 
 @dataclasses.dataclass
@@ -155,9 +158,10 @@ def _predict(model, image, imgsz: int, device: str):
 
 
 def raw_output_diff(checkpoint, export, images: list) -> float | None:
-    """The largest difference between the two networks' raw outputs (the main output: boxes and class
-    scores before NMS, or class probabilities) on the same input tensors, as a share of the
-    checkpoint's largest output value. None if the outputs cannot be compared (logged)."""
+    """The largest difference between the two networks' raw main outputs (boxes and class scores before
+    NMS, or class probabilities) on the same input tensors: per output channel for detection-like
+    outputs (a score channel is not drowned by pixel coordinates), as a share of the checkpoint's
+    largest value in that channel (at least RAW_FLOOR). None if they cannot be compared (logged)."""
     import torch
 
     worst = 0.0
@@ -171,7 +175,11 @@ def raw_output_diff(checkpoint, export, images: list) -> float | None:
                 LOGGER.warning("raw outputs not compared: shapes %s and %s", tuple(a.shape), tuple(b.shape))
                 return None
             a, b = a.float().cpu(), b.float().cpu()
-            worst = max(worst, float((a - b).abs().max() / (a.abs().max() + 1e-9)))
+            if a.dim() == 3:  # (batch, channels, anchors): each channel on its own scale
+                scale = a.abs().amax(dim=(0, 2)).clamp(min=RAW_FLOOR)[None, :, None]
+            else:
+                scale = a.abs().max().clamp(min=RAW_FLOOR)
+            worst = max(worst, float(((a - b).abs() / scale).max()))
     except Exception as e:
         LOGGER.warning("raw outputs not compared: %s", _first_line(e))
         return None
@@ -209,15 +217,19 @@ def _compare_classes(name: str, ref, out, stats: dict) -> list[str]:
     if p.shape != q.shape:
         return [f"{name}: {q.shape[0]} classes in the export, {p.shape[0]} in the checkpoint"]
     top5 = np.argsort(-p)[:5]
-    diff = float(np.abs(p[top5] - q[top5]).max())
+    diffs = np.abs(p[top5] - q[top5])
     stats["detections"] += 1
-    stats["max_conf_diff"] = max(stats["max_conf_diff"], diff)
+    stats["max_conf_diff"] = max(stats["max_conf_diff"], float(diffs.max()))
     problems = []
-    if int(q.argmax()) != int(top5[0]) and p[top5[0]] - p[int(q.argmax())] > CONF_TOL:
+    if int(q.argmax()) != int(top5[0]) and p[top5[0]] - p[int(q.argmax())] > conf_tolerance(p[top5[0]]):
         problems.append(f"{name}: top class {ref.names[int(q.argmax())]} instead of {ref.names[int(top5[0])]}")
-    if diff > CONF_TOL:
-        problems.append(f"{name}: top-5 probabilities differ by {diff:.4f}")
+    if any(d > conf_tolerance(v) for d, v in zip(diffs, p[top5])):
+        problems.append(f"{name}: top-5 probabilities differ by up to {diffs.max():.4f}")
     return problems
+
+
+def conf_tolerance(conf: float) -> float:
+    return max(CONF_TOL * float(conf), CONF_FLOOR)
 
 
 def _boxes(result):
@@ -268,7 +280,7 @@ def _match(name: str, a, b, wanted, tol: float, stats: dict, missing: str) -> li
         conf_diff = abs(float(conf_b[j] - conf_a[i]))
         stats["max_box_diff_px"] = max(stats["max_box_diff_px"], float(diffs.min()))
         stats["max_conf_diff"] = max(stats["max_conf_diff"], conf_diff)
-        if conf_diff > CONF_TOL:
+        if conf_diff > conf_tolerance(conf_a[i]):
             problems.append(f"{name}: class {int(cls_a[i])} confidence {conf_b[j]:.3f} instead of {conf_a[i]:.3f}")
     return problems
 
@@ -370,7 +382,8 @@ def load_export(path: Path, task: str | None, device: str):
 
     task = export_task(path) or task
     if task is None:
-        raise BadInput(f"{path.name} records no task in its metadata: set TASK_TYPE")
+        raise BadInput(f"{path.name} is not a checkpoint (.pt), nor an Ultralytics export whose metadata names its "
+                       "task; if it is an export, set TASK_TYPE")
     model = YOLO(str(path), task=task)
     model.overrides["device"] = device  # AutoBackend is set up on this device, the one predictions use
     model.names  # noqa: B018 - sets up AutoBackend
