@@ -12,6 +12,7 @@ Imports: utils only.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import json
 import logging
 import math
@@ -127,7 +128,22 @@ ENV_VARS: dict[str, str] = {
     "JOB_COMPLETION_INDEX": "",
     "PREDICT_OUTPUT_URI": "",
     "PREDICT_SAVE_IMAGES": "true",
+    # models people ship (exports.py, registry.py, evaluation.py; export.py, evaluate.py)
+    "EXPORT_FORMATS": "",
+    "EXPORT_OUTPUT_URI": "",
+    "EXPORT_VERIFY_IMAGES": "8",
+    "MLFLOW_LOG_MODEL": "true",
+    "MLFLOW_REGISTERED_MODEL_NAME": "",
+    "EVALUATE_TEST": "false",
 }
+
+
+# Ultralytics' export formats (its export_formats() "Argument" column, less the PyTorch '-'; a test keeps
+# them in step) and the other names it accepts for some of them.
+EXPORT_FORMAT_NAMES = ("torchscript", "onnx", "openvino", "engine", "coreml", "coreai", "saved_model", "pb", "edgetpu",
+                       "litert", "paddle", "mnn", "ncnn", "imx", "rknn", "executorch", "axelera", "deepx", "qnn",
+                       "hailo", "ascend", "xilinx")
+EXPORT_FORMAT_ALIASES = {"tensorrt": "engine", "trt": "engine", "tflite": "litert", "mlpackage": "coreml"}
 
 
 def log_configuration(settings: "Settings") -> None:
@@ -223,6 +239,15 @@ ENV_HELP: dict[str, str] = {
     "PREDICT_OUTPUT_URI": "predict.py: storage prefix that receives predictions.json (predictions-{index}.json "
                           "for a shard) and annotated images; unset = stdout only",
     "PREDICT_SAVE_IMAGES": "predict.py: with PREDICT_OUTPUT_URI, also store annotated images",
+    # models: exports, the MLflow model, evaluation
+    "EXPORT_FORMATS": "formats to export best.pt to after training, and export.py's formats, e.g. onnx,torchscript "
+                      "(Ultralytics' names; tested here: onnx, torchscript); empty = no exports",
+    "EXPORT_OUTPUT_URI": "export.py: storage prefix for the exported files; unset = export/ beside the checkpoint",
+    "EXPORT_VERIFY_IMAGES": "validation images each export is compared with the checkpoint on; 0 = one generated image",
+    "MLFLOW_LOG_MODEL": "train.py: log the trained model to the job's MLflow run as a pyfunc model",
+    "MLFLOW_REGISTERED_MODEL_NAME": "train.py: register that model in MLflow's Model Registry under this name; "
+                                    "unset = not registered",
+    "EVALUATE_TEST": "train.py: after training, also evaluate best.pt on the dataset's test split (test_metrics)",
 }
 
 
@@ -294,6 +319,12 @@ class Settings:
     predict_batch: int
     predict_output_uri: str | None  # storage prefix for predictions.json and annotated images
     predict_save_images: bool
+    export_formats: tuple[str, ...]  # Ultralytics format names, e.g. ("onnx", "torchscript"); () = none
+    export_output_uri: str | None  # export.py: storage prefix for the exported files
+    export_verify_images: int  # images each export is compared with the checkpoint on
+    mlflow_log_model: bool  # log the trained model as an MLflow pyfunc model
+    registered_model_name: str | None  # register that model under this name
+    evaluate_test: bool  # train.py: evaluate best.pt on the dataset's test split too
     storage: StorageSettings
     backend: BackendSettings
     predict_shards: int = 1  # PREDICT_SHARDS: the input is split into this many shards
@@ -384,11 +415,14 @@ class _Env:
 
 def load_settings(environ: Mapping[str, str], entry: str = "train",
                   check_train_args: Callable[[dict, Path], list[str]] | None = None) -> Settings:
-    """Build the settings of train.py (entry='train') or predict.py (entry='predict').
+    """Build the settings of train.py (entry='train'), predict.py ('predict'), export.py ('export') or
+    evaluate.py ('evaluate').
 
     Args:
         environ: the environment (a plain dict in tests).
-        entry: which entry point the settings are for.
+        entry: which entry point the settings are for: it decides what is required (JOB_ID for train;
+            a dataset for train and evaluate; CHECKPOINT_URI or JOB_ID for predict, export and
+            evaluate; INPUT_URI for predict; EXPORT_FORMATS for export).
         check_train_args: validates TRAIN_ARGS against Ultralytics' own configuration check
             (train.py passes one; it needs Ultralytics, which this module does not import).
 
@@ -411,7 +445,7 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
 
     dataset_id = env.identifier("DATASET_ID")
     dataset_uri = env.reference("DATASET_URI") or (DATASET_KEY.format(dataset_id=dataset_id) if dataset_id else None)
-    if training and not dataset_uri:
+    if entry in ("train", "evaluate") and not dataset_uri:
         env.problems.append("DATASET_ID (or DATASET_URI) is required")
 
     epochs = env.number("EPOCHS", int, 1, 100_000, "an integer >= 1")
@@ -451,7 +485,7 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
     experiment = env.str("MLFLOW_EXPERIMENT_NAME") or f"project-{project_id}"
 
     checkpoint_uri = env.reference("CHECKPOINT_URI")
-    if entry == "predict" and not checkpoint_uri:
+    if entry in ("predict", "export", "evaluate") and not checkpoint_uri:
         if job_id:
             checkpoint_uri = CHECKPOINT_PREFIX.format(job_id=job_id) + "best.pt"
         else:
@@ -497,8 +531,14 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         iou=env.number("IOU_THRESHOLD", float, 0, 1, "a number from 0 to 1"),
         max_det=env.number("MAX_DET", int, 1, 100_000, "an integer >= 1"),
         predict_batch=env.number("PREDICT_BATCH", int, 1, 4096, "an integer from 1 to 4096"),
-        predict_output_uri=_output_prefix(env),
+        predict_output_uri=_output_prefix(env, "PREDICT_OUTPUT_URI"),
         predict_save_images=env.flag("PREDICT_SAVE_IMAGES"),
+        export_formats=_export_formats(env, required=entry == "export"),
+        export_output_uri=_output_prefix(env, "EXPORT_OUTPUT_URI"),
+        export_verify_images=env.number("EXPORT_VERIFY_IMAGES", int, 0, 1000, "an integer from 0 to 1000 (0 = load only)"),
+        mlflow_log_model=env.flag("MLFLOW_LOG_MODEL"),
+        registered_model_name=_registered_model_name(env),
+        evaluate_test=env.flag("EVALUATE_TEST"),
         storage=_storage_settings(env),
         backend=backend_settings(env),
         predict_shards=shards,
@@ -517,10 +557,38 @@ RESERVED_TRAIN_ARGS = {
 }
 
 
-def _output_prefix(env: _Env) -> str | None:
-    value = env.reference("PREDICT_OUTPUT_URI")
+def _output_prefix(env: _Env, name: str) -> str | None:
+    value = env.reference(name)
     if value and not value.endswith("/"):
-        value += "/"  # a prefix: predictions.json and images/ go under it
+        value += "/"  # a prefix: predictions.json and images/ (or the exported files) go under it
+    return value
+
+
+def _export_formats(env: _Env, required: bool) -> tuple[str, ...]:
+    """EXPORT_FORMATS as Ultralytics format names, in order, without repeats; every bad name in one problem."""
+    raw = env.str("EXPORT_FORMATS", required=required) or ""
+    formats, bad = [], []
+    for name in (n.strip().lower() for n in raw.split(",")):
+        if not name:
+            continue
+        name = EXPORT_FORMAT_ALIASES.get(name, name)
+        if name not in EXPORT_FORMAT_NAMES:
+            close = difflib.get_close_matches(name, EXPORT_FORMAT_NAMES, n=1)
+            bad.append(repr(name) + (f" (did you mean {close[0]!r}?)" if close else ""))
+        elif name not in formats:
+            formats.append(name)
+    if bad:
+        env.problems.append(f"EXPORT_FORMATS: {', '.join(bad)} {'is not an export format' if len(bad) == 1 else 'are not export formats'}; "
+                            f"known: {', '.join(EXPORT_FORMAT_NAMES)} (also {', '.join(EXPORT_FORMAT_ALIASES)})")
+    return tuple(formats)
+
+
+def _registered_model_name(env: _Env) -> str | None:
+    """A name MLflow's Model Registry accepts (no '/' or ':', which would break models:/NAME/VERSION)."""
+    value = env.str("MLFLOW_REGISTERED_MODEL_NAME")
+    if value and (len(value) > 256 or re.search(r"[/:\x00-\x1f\x7f]", value)):
+        env.problems.append(f"MLFLOW_REGISTERED_MODEL_NAME={value!r} must be at most 256 characters without '/', ':' "
+                            "or control characters")
     return value
 
 

@@ -45,6 +45,7 @@ def prepare_ultralytics(work_dir: Path) -> None:
     download for plots are provided from matplotlib's bundled DejaVu Sans.
     """
     os.environ.setdefault("YOLO_OFFLINE", "1")
+    os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # never pip-install at run time (an exporter package, say)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(work_dir / "ultralytics"))
     os.environ.setdefault("MPLCONFIGDIR", str(work_dir / "matplotlib"))  # its font cache, not in $HOME
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work_dir / "torchinductor"))  # not /tmp/torchinductor_<user>

@@ -39,6 +39,7 @@ from dotenv import load_dotenv
 import cli
 from config import Settings, load_settings, log_configuration
 from datasets import IMAGE_SUFFIXES
+from exports import load_export
 from models import default_device, prepare_ultralytics
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
@@ -71,7 +72,12 @@ def load_model(weights: Path, settings: Settings):
     from ultralytics import YOLO
 
     try:
-        model = YOLO(str(weights))
+        if weights.suffix.lower() == ".pt":
+            model = YOLO(str(weights))
+        else:  # an export (.onnx, .torchscript...), run by Ultralytics' AutoBackend
+            model = load_export(weights, settings.task, settings.device or default_device())
+    except BadInput:
+        raise
     except Exception as e:
         raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {str(e).splitlines()[0][:300]}") from None
     if settings.task and model.task != settings.task:

@@ -74,6 +74,8 @@ class Tracker:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+        # MLflow 3 reports usage to config.mlflow-telemetry.io once a run is created: a job reaches no outside host.
+        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         verify = self.settings.storage.verify  # TLS_VERIFY / TLS_CA_BUNDLE apply to MLflow too
         if verify is False:
             os.environ.setdefault("MLFLOW_TRACKING_INSECURE_TLS", "true")

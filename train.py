@@ -9,12 +9,14 @@ the environment; by hand, put the variables in ./.env (real environment variable
 Steps (`train_job`): report `running` -> find where the job starts (fresh, resumed from its
 last.pt in storage, or already finished) -> download and check the dataset -> resolve the model
 weights -> start the MLflow run -> train, reporting every epoch -> upload checkpoints and outputs
+-> optionally evaluate best.pt on the test split, export it, log and register it in MLflow (docs/models.md)
 -> store the completion marker -> report `completed`. Any failure reports `failed` (or
 `cancelled`) with a redacted message and exits with the contract's code (see README, "Exit codes").
 
 The pieces live one concern per module: config (settings), storage, backend (callbacks),
 datasets, archives, dataset_check, models, tracking (MLflow), reporting (Ultralytics callbacks,
-checkpoint uploads, the stop signal), resume, validation (the per-epoch bodies), cache (WORK_DIR).
+checkpoint uploads, the stop signal), resume, validation (the per-epoch bodies), cache (WORK_DIR),
+evaluation, exports and registry (what people deploy, after training).
 """
 
 from __future__ import annotations
@@ -34,7 +36,10 @@ from backend import Backend
 from config import Settings, backend_settings, job_dir, load_settings, log_configuration
 from dataset_check import check_dataset_or_fail
 from datasets import download_dataset
+from evaluation import evaluate_after_training
+from exports import export_after_training
 from models import default_device, prepare_ultralytics, resolve_model, resolve_task, ultralytics_arg_problems
+from registry import log_trained_model
 from reporting import CheckpointUploader, EpochReporter, StopSignal, checkpoint_problem
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
 from storage import Storage
@@ -95,10 +100,11 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     uris = upload_outputs(storage, settings, trainer, reporter.uploader)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
     backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
+    shipped = ship_models(storage, settings, backend, tracker, reporter, trainer, task, data, stop)
     final = {**tracker.status_fields(), "mlflow_run_url": tracker.url, "best_checkpoint": uris.get("best.pt"),
              "last_checkpoint": uris.get("last.pt"), "final_metrics": reporter.final_metrics or reporter.last_metrics,
              "epochs_completed": reporter.epochs_completed,
-             "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK}
+             "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK, **shipped}
     final = {k: v for k, v in final.items() if v is not None}  # a field not known is left out, never null
     mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
     backend.status("completed", 100, **final)
@@ -157,6 +163,24 @@ def upload_outputs(storage: Storage, settings: Settings, trainer, uploader: Chec
         uris = dict(zip((p.name for p in checkpoints + outputs), pool.map(
             lambda p: storage.upload(p, storage.locate(settings.checkpoint_prefix + p.name)), checkpoints + outputs)))
     return {name: uris[name] for name in ("best.pt", "last.pt") if name in uris}
+
+
+def ship_models(storage: Storage, settings: Settings, backend: Backend, tracker: Tracker, reporter: EpochReporter,
+                trainer, task: str, data: Path, stop: StopSignal) -> dict:
+    """After training, what people deploy (each optional, none fails the job): best.pt evaluated on the
+    test split (EVALUATE_TEST), exported and verified (EXPORT_FORMATS), logged to MLflow as a pyfunc
+    model and registered (MLFLOW_LOG_MODEL, MLFLOW_REGISTERED_MODEL_NAME). Returns final status fields."""
+    best = Path(trainer.wdir) / "best.pt"
+    if not best.is_file():
+        return {}
+
+    def stopped() -> bool:  # a stopped job skips what is left: it must end before SHUTDOWN_TIMEOUT
+        return stop.reason is not None
+
+    metrics = reporter.final_metrics or reporter.last_metrics
+    return {**evaluate_after_training(settings, tracker, backend, best, data, stopped),
+            **export_after_training(storage, settings, tracker, backend, best, data, stopped),
+            **log_trained_model(settings, tracker, best, task, metrics, stopped)}
 
 
 def log_run_artifacts(tracker: Tracker, trainer) -> None:

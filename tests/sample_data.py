@@ -100,16 +100,18 @@ def _write_split(root: Path, split: str, count: int, task: str, size: int, rng: 
         (root / "labels" / split / f"{split}_{i:04d}.txt").write_text("\n".join(lines) + "\n")
 
 
-def _data_yaml(task: str) -> str:
-    lines = ["path: .", "train: images/train", "val: images/val", "names:"]
+def _data_yaml(task: str, test: bool = False) -> str:
+    lines = ["path: .", "train: images/train", "val: images/val"] + (["test: images/test"] if test else []) + ["names:"]
     lines += [f"  {i}: {name}" for i, name in enumerate(NAMES)]
     if task == "pose":
         lines += [f"kpt_shape: [{KPT_COUNT}, 3]", "flip_idx: [0, 3, 2, 1]"]
     return "\n".join(lines) + "\n"
 
 
-def make_dataset(root: Path, task: str = "detect", n_train: int = 32, n_val: int = 16, size: int = 64, seed: int = 0) -> Path:
-    """Write a dataset of the task's Ultralytics format under root and return root."""
+def make_dataset(root: Path, task: str = "detect", n_train: int = 32, n_val: int = 16, size: int = 64, seed: int = 0,
+                 n_test: int = 0) -> Path:
+    """Write a dataset of the task's Ultralytics format under root and return root (with n_test > 0,
+    also a test split: images/test and `test:` in data.yaml, or test/<class>/ for classification)."""
     if task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}")
     root = Path(root)
@@ -117,8 +119,10 @@ def make_dataset(root: Path, task: str = "detect", n_train: int = 32, n_val: int
     rng = np.random.default_rng(seed)
     _write_split(root, "train", n_train, task, size, rng)
     _write_split(root, "val", n_val, task, size, rng)
+    if n_test:
+        _write_split(root, "test", n_test, task, size, rng)
     if task != "classify":
-        (root / "data.yaml").write_text(_data_yaml(task))
+        (root / "data.yaml").write_text(_data_yaml(task, test=n_test > 0))
     return root
 
 

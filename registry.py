@@ -1,0 +1,150 @@
+"""The trained model in MLflow: a pyfunc model in the job's run and, when asked, a registered version.
+
+Owns: logging best.pt as an MLflow pyfunc model (pyfunc_model.YoloPyfunc: `predict` takes images
+and returns predict.py's records) into the job's run, with the trainer modules it needs as code,
+the pinned requirements, a signature (a list of images in, a list of records out, as the predict
+method's type hints say) and an input example; registering it under MLFLOW_REGISTERED_MODEL_NAME,
+tagged with the job id, the task and the primary metric; and the final status's fields for it.
+Any failure logs one warning and the job goes on: tracking never fails training.
+
+Environment (through Settings): MLFLOW_LOG_MODEL, MLFLOW_REGISTERED_MODEL_NAME, MLFLOW_TRACKING_URI,
+and IMGSZ, CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET, PREDICT_BATCH as the model's prediction settings.
+Imports: utils, config, validation; mlflow (about 2 s) inside the functions that log. pyfunc_model.py is
+not imported here: MLflow logs the file.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import contextlib
+import logging
+import os
+import warnings
+from pathlib import Path
+from typing import Callable
+
+from config import PLATFORM_TASKS, Settings
+from validation import primary_metric
+
+LOGGER = logging.getLogger("trainer")
+
+ROOT = Path(__file__).resolve().parent
+ARTIFACT_NAME = "model"  # the logged model's name in the run
+
+
+def log_trained_model(settings: Settings, tracker, weights: Path, task: str, metrics: dict,
+                      should_stop: Callable[[], bool]) -> dict:
+    """Log best.pt as a pyfunc model in the job's run (MLFLOW_LOG_MODEL, or implied by a registered
+    name) and register it under MLFLOW_REGISTERED_MODEL_NAME.
+
+    Returns the final status's fields: `mlflow_model_uri`, and `registered_model_name`,
+    `registered_model_version` once registered. Never raises.
+    """
+    name = settings.registered_model_name
+    if not (settings.mlflow_log_model or name) or not tracker.run_id or not tracker.active or should_stop():
+        return {}
+    fields = {}
+    try:
+        info = log_pyfunc_model(settings, tracker.run_id, weights, task)
+        fields["mlflow_model_uri"] = info.model_uri
+        LOGGER.info("MLflow: logged the model as %s", info.model_uri)
+        if name:
+            version = register(info.model_uri, name, registry_tags(settings, tracker.run_id, task, metrics))
+            fields.update(registered_model_name=name, registered_model_version=int(version))
+            LOGGER.info("MLflow: registered %s version %s", name, version)
+    except Exception as e:
+        LOGGER.warning("MLflow: could not %s the model (%s); the job goes on without it",
+                       "register" if fields else "log", tracker.redact(f"{type(e).__name__}: {e}")[:500])
+    return fields
+
+
+def log_pyfunc_model(settings: Settings, run_id: str, weights: Path, task: str):
+    """mlflow.pyfunc.log_model into the run; returns MLflow's ModelInfo."""
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the job's log
+    import mlflow
+
+    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+    config = {"task": task, "imgsz": settings.imgsz, "conf": settings.conf, "iou": settings.iou,
+              "max_det": settings.max_det, "batch": settings.predict_batch}
+    with quiet_mlflow_warnings(), mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name=ARTIFACT_NAME, python_model=str(ROOT / "pyfunc_model.py"), artifacts={"weights": str(weights)},
+            code_paths=[str(p) for p in shipped_modules()], pip_requirements=pinned_requirements(),
+            signature=signature(), input_example=[example_image()], model_config=config)
+
+
+@contextlib.contextmanager
+def quiet_mlflow_warnings():
+    """MLflow warns, from inside its own warning filters, that YoloPyfunc.predict's list[Any] input is not
+    validated (on purpose: anything image-like is welcome); keep that line out of the job's log."""
+    show = warnings.showwarning
+
+    def filtered(message, *args, **kwargs):
+        if "Any type hint" not in str(message):
+            show(message, *args, **kwargs)
+
+    warnings.showwarning = filtered
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+
+
+def signature():
+    """What YoloPyfunc.predict's type hints say (a list of images in, a list of records out), given
+    explicitly: inferring it would load the model and run the input example twice at log time."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Map, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema([ColSpec(Map(AnyType()))]))
+
+
+def register(model_uri: str, name: str, tags: dict) -> str:
+    """A new version of `name` in the Model Registry (the model created if new); returns the version."""
+    import mlflow
+
+    version = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=60)
+    return str(version.version)
+
+
+def registry_tags(settings: Settings, run_id: str, task: str, metrics: dict) -> dict:
+    metric, value = primary_metric(task, metrics or {})
+    return {"job_id": str(settings.job_id), "project_id": str(settings.project_id), "task": task,
+            "task_type": PLATFORM_TASKS[task], "primary_metric_name": metric, "primary_metric_value": f"{value:.6g}",
+            "mlflow_run_id": run_id}
+
+
+def shipped_modules(start: tuple[str, ...] = ("predict",)) -> list[Path]:
+    """The trainer's own modules the pyfunc model imports, directly or not (followed through their
+    import statements), so the logged model carries the code it runs."""
+    found: dict[str, Path] = {}
+    todo = list(start)
+    while todo:
+        name = todo.pop()
+        path = ROOT / f"{name}.py"
+        if name in found or not path.is_file():
+            continue
+        found[name] = path
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                todo += [a.name.split(".")[0] for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+                todo.append(node.module.split(".")[0])
+    return sorted(found.values())
+
+
+def pinned_requirements() -> list[str]:
+    """requirements.txt's pins: what `mlflow.pyfunc.load_model` needs to run the model anywhere."""
+    lines = (ROOT / "requirements.txt").read_text(encoding="utf-8").splitlines()
+    return [line.split("#", 1)[0].strip() for line in lines if line.split("#", 1)[0].strip()]
+
+
+def example_image() -> str:
+    """A small JPEG as a data: URI: the logged input example (and a first prediction at log time)."""
+    import cv2
+    import numpy as np
+
+    image = np.full((64, 64, 3), 128, np.uint8)
+    cv2.rectangle(image, (12, 16), (40, 48), (40, 40, 220), -1)
+    return "data:image/jpeg;base64," + base64.b64encode(cv2.imencode(".jpg", image)[1].tobytes()).decode()
