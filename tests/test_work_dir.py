@@ -82,8 +82,10 @@ def shared_only(work: Path, mlflow: bool = True, weights: set[str] | None = None
     assert list((work / "jobs").iterdir()) == []
     entry = f"datasets/{dataset_entry(work)}"
     expected = {"datasets", "cache.lock", entry, entry + ".lock", entry + ".fill.lock", "jobs", *SETTINGS_DIRS}
-    if mlflow:  # the local MLflow store: its database and, once a run logged files, their folder
-        expected |= {"mlflow.db"} | ({"mlartifacts"} if (work / "mlartifacts").is_dir() else set())
+    if mlflow:  # the local MLflow store's database
+        expected.add("mlflow.db")
+    if (work / "mlartifacts").is_dir():  # a database tracking URI keeps run artifacts in WORK_DIR (shared)
+        expected.add("mlartifacts")
     if (work / "torchinductor").is_dir():  # torch's compile cache, kept in WORK_DIR (shared, not job-local)
         expected.add("torchinductor")
     if weights is not None:
