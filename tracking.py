@@ -44,21 +44,10 @@ class Tracker:
         self.experiment_id: str | None = None
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
-        self._starting: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
         # a DDP worker makes its own client for the same run
-        return {**self.__dict__, "_client": None, "_starting": None}
-
-    def start_in_background(self) -> None:
-        """Import MLflow and find or create the run while the job does other work (its dataset download):
-        about 2 s off every job's start. `wait_started` joins it."""
-        self._starting = threading.Thread(target=self.start, name="mlflow-start", daemon=True)
-        self._starting.start()
-
-    def wait_started(self, timeout: float | None = None) -> None:
-        if self._starting is not None:
-            self._starting.join(timeout)
+        return {**self.__dict__, "_client": None}
 
     @property
     def client(self):
@@ -156,7 +145,6 @@ class Tracker:
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
-        self.wait_started(self.END_TIMEOUT)  # a run still being made must not be left RUNNING
         if not self.run_id:
             return
         if self.active:

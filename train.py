@@ -75,7 +75,6 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     """The job's steps, from `running` to `completed` (raises on any failure)."""
     backend.status("running", 0, started_at=now_iso())
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
-    tracker.start_in_background()  # MLflow's import and run overlap the downloads below
     prepare_ultralytics(settings.work_dir)
     run = prepare_run(storage, settings)
     if run.finished:  # a pod started again after the training was over: report it, train nothing
@@ -90,7 +89,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     check_dataset_or_fail(data, task, settings, backend)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
-    tracker.wait_started()
+    tracker.start()
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", 0, **tracker.status_fields())
     reporter.use_storage(storage)
