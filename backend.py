@@ -276,7 +276,12 @@ class Backend:
                 event = got
                 event.sending = True
                 self._inflight.add(event.key)
-            delay = self._attempt(event)
+            try:
+                delay = self._attempt(event)
+            except Exception as e:  # a sender thread must never die: its route would stall for good
+                LOGGER.warning("sending %s %s failed unexpectedly: %s: %s", event.method, event.route,
+                               type(e).__name__, self.redact(e))
+                delay = None if event.attempts >= self.settings.max_attempts and not event.critical else 1.0
             with self._cond:
                 event.sending = False
                 self._inflight.discard(event.key)
@@ -402,8 +407,10 @@ def _refused(error: BaseException) -> bool:
             return True
         if "Connection refused" in str(error) and "NewConnectionError" in type(error).__name__:
             return True
-        nested = [a for a in getattr(error, "args", ()) if isinstance(a, BaseException)]
-        error = error.__cause__ or error.__context__ or getattr(error, "reason", None) or (nested[0] if nested else None)
+        # where it came from: the cause, the context, urllib3's `reason`, or an exception in args;
+        # only exceptions are followed (ssl.SSLError's `reason` is a string such as 'CERTIFICATE_VERIFY_FAILED')
+        links = [error.__cause__, error.__context__, getattr(error, "reason", None), *getattr(error, "args", ())]
+        error = next((e for e in links if isinstance(e, BaseException)), None)
     return False
 
 

@@ -263,3 +263,38 @@ def test_closing_while_a_request_is_in_flight_counts_it_in_flight_not_lost(recei
     assert backend.close(timeout=0.2) == 0  # not lost: still in flight
     time.sleep(1.5)  # the backend answers; the sender finishes the event
     assert crashes == [] and len(receiver.requests("logs")) == 1
+
+
+def test_only_a_refused_connection_counts_as_refused_and_a_tls_fault_does_not_crash_the_check(receiver):
+    """Real failures: a port nobody listens on refuses; TLS spoken to a plain HTTP server is a TLS
+    fault (its ssl.SSLError carries a string `reason`, which once crashed the check in a sender thread)."""
+    import requests
+
+    from backend import _refused
+
+    with pytest.raises(requests.ConnectionError) as refused:
+        requests.get(f"http://127.0.0.1:{free_port()}/", timeout=5)
+    assert _refused(refused.value)
+    with pytest.raises(requests.exceptions.SSLError) as tls:
+        requests.get(receiver.url("1").replace("http://", "https://"), timeout=5)
+    assert not _refused(tls.value)
+    with pytest.raises(requests.Timeout) as slow:  # nothing answers in time: a fault, not a refusal
+        requests.get(receiver.url("1") + "/health", timeout=0.000001)
+    assert not _refused(slow.value)
+
+
+def test_a_sender_survives_an_unexpected_error_and_still_delivers(receiver, tmp_path, monkeypatch):
+    backend = client(receiver.url("1"), tmp_path)
+    real, failures = backend._attempt, []
+
+    def flaky(event):
+        if not failures:
+            failures.append(event.route)
+            raise RuntimeError("a bug in one attempt")
+        return real(event)
+
+    monkeypatch.setattr(backend, "_attempt", flaky)
+    backend.status("running", 0)
+    backend.close()
+    assert failures == ["status"]
+    assert [b["status"] for b in receiver.bodies("status")] == ["running"]
