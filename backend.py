@@ -45,6 +45,7 @@ class Event:
     barrier: bool = False  # the final status: sent only after every earlier critical event
     progress: bool = False  # a per-epoch progress status: a newer one replaces it while queued
     on_success: Callable[[Any], None] | None = None  # called with the response once the backend took it
+    on_done: Callable[[], None] | None = None  # called once the backend took it or refused it for good
     attempts: int = 0
     refusals: int = 0  # connection attempts refused (ECONNREFUSED): nothing listens at the backend's address
     not_before: float = 0.0
@@ -118,32 +119,40 @@ class Backend:
         self._emit("PATCH", "status", body, critical=True, barrier=final,
                    progress=status == "running" and "epoch" in extra)
 
-    def validation_results(self, body: dict, images: list[dict] | None = None) -> None:
-        """One epoch's validation result; once the backend has stored it, its per-image results."""
+    def validation_results(self, body: dict, images: list[dict] | None = None,
+                           on_done: Callable[[], None] | None = None) -> None:
+        """One epoch's validation result; once the backend has stored it, its per-image results.
+        A body may bring its own `event_id` (a report sent again after a restart keeps its first one)."""
+        body = {**body, "event_id": body.get("event_id") or uuid.uuid4().hex}
+
         def accepted(response) -> None:
             result_id = _answer_field(response, "validation_result_id", "id")
             if isinstance(result_id, int):
-                self.validation_image_results(result_id, body["epoch"], images)
+                self.validation_image_results(result_id, body["epoch"], images, body["event_id"])
             elif ("validation-image-results", 0) not in self._warned:
                 self._warned.add(("validation-image-results", 0))
                 LOGGER.warning("the backend's validation-results answer has no validation_result_id: "
                                "per-image results are not sent")
 
-        self._emit("POST", "validation-results", body, critical=True, on_success=accepted if images else None)
+        self._emit("POST", "validation-results", body, critical=True, on_success=accepted if images else None,
+                   on_done=on_done)
 
-    def validation_image_results(self, result_id: int, epoch: int, images: list[dict]) -> None:
-        """Per-image results of a stored validation result, IMAGE_BATCH per request."""
+    def validation_image_results(self, result_id: int, epoch: int, images: list[dict], parent: str) -> None:
+        """Per-image results of a stored validation result, IMAGE_BATCH per request. Their event_ids
+        derive from the result's (`parent`), so the same result sent again brings the same ids."""
         for i in range(0, len(images), self.IMAGE_BATCH):
-            chunk = [{**image, "validation_result_id": result_id, "epoch": epoch}
-                     for image in images[i:i + self.IMAGE_BATCH]]
+            chunk = [{**image, "validation_result_id": result_id, "epoch": epoch,
+                      "event_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{parent}/{i + j}").hex}
+                     for j, image in enumerate(images[i:i + self.IMAGE_BATCH])]
             self._emit("POST", "validation-image-results", chunk)
 
-    def training_metrics(self, row: dict) -> None:
+    def training_metrics(self, row: dict, on_done: Callable[[], None] | None = None) -> None:
         """One epoch's row of every number; a backend without the route gets them as `metrics`."""
         if "training-metrics" in self._disabled_routes:
             self._metrics_instead(row)
+            _call(on_done)
         else:
-            self._emit("POST", "training-metrics", row)
+            self._emit("POST", "training-metrics", row, on_done=on_done)
 
     def metric(self, name: str, value: float, epoch: int, **extra) -> None:
         body = {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra}
@@ -197,16 +206,17 @@ class Backend:
     # -- queueing -------------------------------------------------------------------------------
 
     def _emit(self, method: str, route: str, body: dict | list, critical: bool = False, barrier: bool = False,
-              progress: bool = False, key: str | None = None, on_success: Callable[[Any], None] | None = None) -> None:
+              progress: bool = False, key: str | None = None, on_success: Callable[[Any], None] | None = None,
+              on_done: Callable[[], None] | None = None) -> None:
         if isinstance(body, list):
-            body = [{**element, "event_id": uuid.uuid4().hex} for element in body]
+            body = [{**element, "event_id": element.get("event_id") or uuid.uuid4().hex} for element in body]
         else:
-            body = {**body, "event_id": uuid.uuid4().hex}
+            body = {**body, "event_id": body.get("event_id") or uuid.uuid4().hex}
         self._append_event_log(method, route, body)
         if not self.settings.url:
             LOGGER.info("event %s %s: %s", method, route, json.dumps(body)[:500])
             return
-        event = Event(method, route, body, key or route, critical, barrier, progress, on_success)
+        event = Event(method, route, body, key or route, critical, barrier, progress, on_success, on_done)
         with self._cond:
             if progress:  # only the newest progress matters to the backend
                 self._queue = [e for e in self._queue if not (e.progress and not e.sending)]
@@ -320,6 +330,7 @@ class Backend:
         if event.route in self._disabled_routes:  # switched off by a 404 since it was queued
             if event.route == "training-metrics":
                 self._metrics_instead(event.body)
+            _call(event.on_done)
             return None
         event.attempts += 1
         retry_after = None
@@ -335,11 +346,13 @@ class Backend:
                         event.on_success(response)
                     except Exception as e:  # the event itself was delivered: never send it again
                         LOGGER.warning("after %s %s: %s: %s", event.method, event.route, type(e).__name__, e)
+                _call(event.on_done)
                 return None
             if code == 404:
                 self._disable(event.route)
                 if event.route == "training-metrics":
                     self._metrics_instead(event.body)
+                _call(event.on_done)
                 return None
             if code not in RETRY_STATUSES:
                 if (event.route, code) not in self._warned:
@@ -349,6 +362,7 @@ class Backend:
                         hint = " (the body does not match the backend's schema; numbers of this route are lost)"
                     LOGGER.error("backend rejected %s %s with %d%s: %s", event.method, event.route, code, hint,
                                  self.redact(_refusal_detail(response)))
+                _call(event.on_done)  # refused for good: sending it again would not change that
                 return None
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
@@ -393,6 +407,15 @@ class Backend:
         if inflight:
             LOGGER.warning("%d callback event(s) still in flight at exit", inflight)
         return len(left)
+
+
+def _call(callback: Callable[[], None] | None) -> None:
+    """Run an event's on_done; its failure is logged, never raised into a sender."""
+    if callback is not None:
+        try:
+            callback()
+        except Exception as e:
+            LOGGER.warning("after a callback: %s: %s", type(e).__name__, e)
 
 
 def _refused(error: BaseException) -> bool:

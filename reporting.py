@@ -7,7 +7,7 @@ replace the stored ones), and EpochReporter, which turns each epoch into the con
 Ultralytics' multi-GPU relaunch: it is pickled into the DDP workers, where it makes its own clients.
 Environment (through Settings): CHECKPOINT_INTERVAL, SHUTDOWN_TIMEOUT, VALIDATION_IMAGES,
 VALIDATION_CONF; RANK (set by torch.distributed in DDP workers).
-Imports: utils, config, storage, backend, tracking, validation, progress.
+Imports: utils, config, storage, backend, outbox, tracking, validation, progress.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ import shutil
 import signal
 import threading
 import time
+import uuid
 from pathlib import Path
 from typing import Callable
 
 from backend import Backend
 from config import Settings, job_dir
+from outbox import Outbox
 from progress import epoch_summary
 from storage import Storage
 from tracking import Tracker
@@ -128,11 +130,12 @@ class CheckpointUploader:
     """
 
     def __init__(self, storage: Storage, settings: Settings, backend: Backend,
-                 on_stored: Callable[[int], None] | None = None):
+                 on_stored: Callable[[int], None] | None = None, before_last: Callable[[], None] | None = None):
         self.storage = storage
         self.prefix = settings.checkpoint_prefix
         self.backend = backend
         self.on_stored = on_stored  # called with the epoch once that epoch's last.pt is in storage
+        self.before_last = before_last  # called right before a last.pt goes up (the reports it owes first)
         self.staging = job_dir(settings) / "staging"
         shutil.rmtree(self.staging, ignore_errors=True)
         self.staging.mkdir(parents=True)
@@ -200,6 +203,8 @@ class CheckpointUploader:
                     if name.endswith(".pt") and (problem := checkpoint_problem(staged)):
                         LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
                         continue
+                    if name == "last.pt" and self.before_last:
+                        self.before_last()
                     self.storage.upload(staged, self.storage.locate(self.prefix + name))
                     uploaded.append(name)
                 except Exception as e:  # the final upload at the end tries again
@@ -247,6 +252,8 @@ class EpochReporter:
         self.dataset_root: Path | None = None  # image names in per-image results are relative to it
         self._backend: Backend | None = backend
         self._uploader: CheckpointUploader | None = None
+        self._outbox: Outbox | None = None
+        self._saved: tuple[dict, int, dict] | None = None  # this epoch's checkpoint files, uploaded once reported
         self._own_clients = False  # made in this process (a DDP worker): flushed at on_train_end
         self.epochs_completed = 0
         self.total_epochs = settings.epochs
@@ -254,12 +261,13 @@ class EpochReporter:
         self.final_metrics: dict | None = None
         self._pending: tuple[int, dict] | None = None
         self._capture: ValidationCapture | None = None
-        self._unsent: dict[int, tuple[dict, list, dict]] = {}  # epoch -> its reports, until its last.pt is stored
+        self._unsent: dict[int, dict] = {}  # epoch -> its reports (as the outbox holds them), until its last.pt is stored
         self._stored_epoch = 0
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
-        return {**self.__dict__, "_backend": None, "_uploader": None, "_capture": None, "_lock": None}
+        return {**self.__dict__, "_backend": None, "_uploader": None, "_outbox": None, "_capture": None,
+                "_lock": None}
 
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state, _lock=threading.Lock())
@@ -282,9 +290,27 @@ class EpochReporter:
         """True once checkpoint uploads have started (train.py's storage client is in use)."""
         return self._uploader is not None
 
+    @property
+    def outbox(self) -> Outbox:
+        if self._outbox is None:
+            self.use_storage(Storage(self.settings.storage))
+        return self._outbox
+
     def use_storage(self, storage: Storage) -> None:
         """Upload checkpoints with this storage client (train.py's own; a DDP worker makes one)."""
-        self._uploader = CheckpointUploader(storage, self.settings, self.backend, on_stored=self.checkpoint_stored)
+        self._outbox = Outbox(storage, self.settings.checkpoint_prefix, enabled=bool(self.settings.backend.url))
+        self._uploader = CheckpointUploader(storage, self.settings, self.backend, on_stored=self.checkpoint_stored,
+                                            before_last=self._outbox.write)
+
+    def send_owed(self, epochs_done: int) -> None:
+        """Before anything else of a job started again: the reports an earlier attempt stored with its
+        last.pt (of `epochs_done` epochs) but may not have delivered, sent again under their event_ids."""
+        owed = self.outbox.owed(epochs_done)
+        if owed:
+            LOGGER.info("sending again the reports of epoch(s) %s that the last attempt may not have delivered",
+                        ", ".join(str(e["epoch"]) for e in owed))
+        for entry in owed:
+            self._send(entry)
 
     @staticmethod
     def reports() -> bool:
@@ -356,13 +382,20 @@ class EpochReporter:
                 copies["best.pt"] = "last.pt"
         if files:
             files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.event_log})
-            self.uploader.submit(files, epoch, copies)
+            self._saved = (files, epoch, copies)  # submitted at on_fit_epoch_end, once this epoch's reports exist
+
+    def _submit_saved(self) -> None:
+        """Upload what on_model_save kept (the next callback, on_fit_epoch_end, comes straight after it)."""
+        saved, self._saved = self._saved, None
+        if saved:
+            self.uploader.submit(*saved)
 
     def on_fit_epoch_end(self, trainer) -> None:
         capture = self._capture
         if capture:
             capture.stop()
         if self._pending is None or self._pending[0] != trainer.epoch:
+            self._submit_saved()
             self.final_metrics = contract_metrics(trainer.metrics or {}, None)
             return
         _, train = self._pending
@@ -373,6 +406,7 @@ class EpochReporter:
         if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
             self.stop.phase = "finishing"
         if not self.reports():
+            self._submit_saved()
             return
         self.backend.poll_health_now()  # a cancellation pressed during the epoch is seen now
         body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
@@ -383,8 +417,14 @@ class EpochReporter:
         if capture and capture.seconds:
             LOGGER.debug("epoch %d: per-image results and confusion matrix took %.3f s of validation",
                          epoch, capture.seconds)
+        storage = self.uploader.storage  # the reports name the last.pt that holds this epoch, and carry
+        checkpoint = storage.uri(storage.locate(self.settings.checkpoint_prefix + "last.pt"))  # their ids now,
+        body = {**body, "checkpoint_path": checkpoint, "event_id": uuid.uuid4().hex}  # so that a job started
+        row = {**row, "checkpoint_path": checkpoint, "event_id": uuid.uuid4().hex}  # again sends the same ones
+        self.outbox.add(epoch, body, images, row)
         with self._lock:
-            self._unsent[epoch] = (body, images, row)
+            self._unsent[epoch] = {"epoch": epoch, "validation-results": body, "images": images, "training-metrics": row}
+        self._submit_saved()
         self._send_stored()
 
     def checkpoint_stored(self, epoch: int) -> None:
@@ -397,13 +437,17 @@ class EpochReporter:
         with self._lock:
             ready = sorted(e for e in self._unsent if e <= self._stored_epoch)
             reports = [self._unsent.pop(e) for e in ready]
-        if not reports:
-            return
-        storage = self.uploader.storage
-        checkpoint = storage.uri(storage.locate(self.settings.checkpoint_prefix + "last.pt"))
-        for body, images, row in reports:
-            self.backend.validation_results({**body, "checkpoint_path": checkpoint}, images)
-            self.backend.training_metrics({**row, "checkpoint_path": checkpoint})
+        for entry in reports:
+            self._send(entry)
+
+    def _send(self, entry: dict) -> None:
+        """One epoch's reports (those of it still owed); each leaves the outbox once the backend took it."""
+        epoch, outbox = entry["epoch"], self.outbox
+        if entry.get("validation-results"):
+            self.backend.validation_results(entry["validation-results"], entry.get("images") or [],
+                                            on_done=lambda: outbox.done(epoch, "validation-results"))
+        if entry.get("training-metrics"):
+            self.backend.training_metrics(entry["training-metrics"], on_done=lambda: outbox.done(epoch, "training-metrics"))
 
     def progress(self) -> float:
         return 100.0 * self.epochs_completed / self.total_epochs if self.total_epochs else 0.0

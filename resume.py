@@ -33,6 +33,7 @@ class RunStart:
     save_dir: Path
     resume_from: Path | None = None
     finished: dict | None = None  # the final fields of a job whose training is already over
+    epochs_done: int = 0  # epochs the stored last.pt holds (their reports may still be owed, see outbox.py)
 
 
 def prepare_run(storage: Storage, settings: Settings) -> RunStart:
@@ -52,7 +53,7 @@ def prepare_run(storage: Storage, settings: Settings) -> RunStart:
     state, why, ckpt = _checkpoint_state(last, settings)
     if state == "finished":
         LOGGER.info("%s holds the whole training (%s): this job has finished", storage.uri(loc), why)
-        return RunStart(save_dir, finished=_finished_fields(storage, settings, ckpt))
+        return RunStart(save_dir, finished=_finished_fields(storage, settings, ckpt), epochs_done=settings.epochs)
     if state != "resumable":
         LOGGER.info("not resuming from %s: %s; starting a new training", storage.uri(loc), why)
         shutil.rmtree(save_dir, ignore_errors=True)
@@ -61,7 +62,7 @@ def prepare_run(storage: Storage, settings: Settings) -> RunStart:
         with contextlib.suppress(StorageNotFound):
             storage.download(storage.locate(settings.checkpoint_prefix + name), dest)
     LOGGER.info("resuming from %s", storage.uri(loc))
-    return RunStart(save_dir, resume_from=last)
+    return RunStart(save_dir, resume_from=last, epochs_done=ckpt["epoch"] + 1)
 
 
 def _checkpoint_state(last: Path, settings: Settings) -> tuple[str, str, dict]:

@@ -40,7 +40,7 @@ from evaluation import evaluate_after_training
 from exports import export_after_training
 from models import default_device, prepare_ultralytics, resolve_model, resolve_task, ultralytics_arg_problems
 from registry import log_trained_model
-from reporting import CheckpointUploader, EpochReporter, StopSignal, checkpoint_problem
+from reporting import EpochReporter, StopSignal, checkpoint_problem
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
 from storage import Storage
 from tracking import Tracker
@@ -77,6 +77,8 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
     prepare_ultralytics(settings.work_dir)
     run = prepare_run(storage, settings)
+    reporter.use_storage(storage)
+    reporter.send_owed(run.epochs_done)  # a killed attempt's last reports, before any new one
     if run.finished:  # a pod started again after the training was over: report it, train nothing
         mark_completed(storage, settings, run.finished)
         backend.status("completed", 100, **run.finished)
@@ -92,11 +94,10 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     tracker.start()
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", 0, **tracker.status_fields())
-    reporter.use_storage(storage)
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
-    uris = upload_outputs(storage, settings, trainer, reporter.uploader)
+    uris = upload_outputs(storage, settings, trainer, reporter)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
     backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
     shipped = ship_models(storage, settings, backend, tracker, reporter, trainer, task, data, stop)
@@ -149,14 +150,15 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     return model.trainer
 
 
-def upload_outputs(storage: Storage, settings: Settings, trainer, uploader: CheckpointUploader) -> dict:
+def upload_outputs(storage: Storage, settings: Settings, trainer, reporter: EpochReporter) -> dict:
     """After training: best.pt, last.pt, results.csv and plots to checkpoints/job-{JOB_ID}/, side by side."""
-    uploader.drop_pending()  # the final files supersede what the last epoch queued...
-    uploader.wait()  # ...and an upload already under way finishes first, so the final files win
+    reporter.uploader.drop_pending()  # the final files supersede what the last epoch queued...
+    reporter.uploader.wait()  # ...and an upload already under way finishes first, so the final files win
     checkpoints = [Path(trainer.wdir) / name for name in ("best.pt", "last.pt") if (Path(trainer.wdir) / name).is_file()]
     for path in checkpoints:
         if problem := checkpoint_problem(path):
             raise TrainerError(f"the final {path.name} is {problem}; not replacing the one in storage")
+    reporter.outbox.write()  # the last epochs' reports go into storage before the last.pt that holds them
     outputs = [p for p in sorted(Path(trainer.save_dir).iterdir()) if p.is_file() and p.suffix in OUTPUT_SUFFIXES]
     with ThreadPoolExecutor(4, thread_name_prefix="final-upload") as pool:
         uris = dict(zip((p.name for p in checkpoints + outputs), pool.map(
@@ -293,6 +295,8 @@ def main() -> int:
         if finished := completed_before(storage, settings):
             LOGGER.info("job %s completed before (%s%s in storage): reporting completed again, not training",
                         settings.job_id, settings.checkpoint_prefix, COMPLETED_MARKER)
+            reporter.use_storage(storage)
+            reporter.send_owed(finished.get("epochs_completed") or settings.epochs)
             backend.status("completed", 100, **finished)
         else:
             train_job(storage, settings, backend, tracker, reporter, stop, started)
@@ -302,6 +306,8 @@ def main() -> int:
         flush = max(0.5, min(settings.backend.flush_timeout, stop.remaining(1.0, settings.shutdown_timeout)))
     finally:
         backend.close(flush)
+    if reporter.uploading:  # what the backend did not take stays owed in storage, for a job started again
+        within(stop.remaining(0.5, default=30.0), reporter.outbox.close)
     if storage is not None:  # a courtesy copy: bounded by what is left of a stop's deadline
         within(stop.remaining(0.5, default=60.0), upload_event_log, storage, settings, event_log)
     cache.remove_job_files(settings)  # last: everything job-local is in storage or no longer needed

@@ -9,7 +9,7 @@ tests can make it flaky, slow, route-less or cancelling:
 
     python -m tests.backend_receiver --record /tmp/requests.jsonl --token secret \
         [--fail-rate 0.3] [--hang-rate 0.1] [--delay 2] [--missing-route validation-results] \
-        [--fail-route validation-results] [--reset-final-once] [--cancel-after-epoch 1] [--seed 0]
+        [--fail-route validation-results [--fail-while FILE]] [--reset-final-once] [--cancel-after-epoch 1] [--seed 0]
 
 It prints `PORT <n>` on its first line of output once it listens on 127.0.0.1.
 """
@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
 import socket
 import sys
@@ -60,7 +61,7 @@ def make_handler(args: argparse.Namespace):
                 return
             if (method, route) not in ROUTES or route in args.missing_route:
                 code, answer = 404, {"detail": "Not Found"}
-            elif route in args.fail_route:
+            elif route in args.fail_route and (not args.fail_while or os.path.exists(args.fail_while)):
                 code, answer = 500, {"detail": "this route always fails"}
             elif args.token and self.headers.get("X-Internal-Auth") != args.token:
                 code, answer = 403, {"detail": "bad internal auth"}
@@ -131,6 +132,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0, help="answer every request after this many seconds")
     parser.add_argument("--missing-route", action="append", default=[], help="answer 404 on this route")
     parser.add_argument("--fail-route", action="append", default=[], help="answer 500 on this route, always")
+    parser.add_argument("--fail-while", help="--fail-route fails only while this file exists")
     parser.add_argument("--reset-final-once", action="store_true",
                         help="drop the connection without answering the first final status")
     parser.add_argument("--cancel-after-epoch", type=int, default=0)

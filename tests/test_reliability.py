@@ -202,11 +202,16 @@ def test_sigterm_after_the_first_epoch_leaves_a_resumable_checkpoint(world, rece
     assert stored_events(world, env["JOB_ID"])[-1]["body"]["status"] == "cancelled"
 
 
-def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_no_epoch_twice(
+def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_every_epoch_once(
         world, mlflow_server, receiver_factory, tmp_path):
+    """The kill lands while the epochs' training-metrics rows are still owed (the backend answers
+    500 to them during the first job, as CI once hit by chance in the instant between an epoch's
+    validation result and its row): the job started again sends them first, under the same event_ids."""
     from mlflow import MlflowClient
 
-    receiver = receiver_factory()
+    flag = tmp_path / "training-metrics-down"
+    flag.touch()
+    receiver = receiver_factory("--fail-route", "training-metrics", "--fail-while", str(flag))
     experiment = f"resume-{uuid.uuid4().hex[:6]}"
     env = job_env(world, receiver, tmp_path / "first", EPOCHS="4", MLFLOW_TRACKING_URI=mlflow_server,
                   MLFLOW_EXPERIMENT_NAME=experiment, **TIMED)
@@ -224,6 +229,12 @@ def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_no_ep
         proc.kill()
     done = reported()
     assert done in (2, 3)  # killed mid-way through a 4-epoch job
+    assert not receiver.bodies("training-metrics")  # none delivered: every row is owed
+    owed = json.loads(world["s3"].get_object(Bucket=world["bucket"],
+                                              Key=f"checkpoints/job-{env['JOB_ID']}/reports.json")["Body"].read())
+    owed = [e for e in owed if e["epoch"] <= done]  # (a later epoch's, stored before its last.pt, is retrained)
+    assert [e["epoch"] for e in owed if e["training-metrics"]] == list(range(1, done + 1))
+    flag.unlink()  # the backend is well again
 
     (tmp_path / "second").mkdir()  # a new pod: nothing local survives, only storage
     again = {**env, "WORK_DIR": str(tmp_path / "second" / "work")}
@@ -232,7 +243,10 @@ def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_no_ep
     assert any(b["message"] == f"resumed training at epoch {done + 1} of 4" for b in receiver.bodies("logs"))
     results = [e["body"] for e in unique(receiver.requests("validation-results"))]
     assert [r["epoch"] for r in results] == [1, 2, 3, 4]  # each epoch reported exactly once, in order
-    assert [r["epoch"] for r in receiver.bodies("training-metrics")] == [1, 2, 3, 4]
+    rows = [e["body"] for e in unique(receiver.requests("training-metrics"))]
+    assert [r["epoch"] for r in rows] == [1, 2, 3, 4]
+    assert {r["event_id"] for r in rows[:done]} == {e["training-metrics"]["event_id"] for e in owed}
+    assert all(r["checkpoint_path"].endswith(f"job-{env['JOB_ID']}/last.pt") for r in rows)
     final = receiver.bodies("status")[-1]
     assert final["status"] == "completed" and final["epochs_completed"] == 4
     client = MlflowClient(mlflow_server)
@@ -240,6 +254,32 @@ def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_no_ep
     assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     steps = sorted(m.step for m in client.get_metric_history(runs[0].info.run_id, "mAP50"))
     assert set(steps) == {1, 2, 3, 4} and len(steps) <= 5  # an epoch cut short by the kill may be logged twice
+
+
+def test_rows_the_backend_never_took_are_sent_by_the_job_started_again_after_it_completed(world, receiver_factory,
+                                                                                          tmp_path):
+    """The backend refused training-metrics (500) for a whole 2-epoch job: the job completes, its rows
+    stay owed in storage, and the same job started again (it finds its completion marker) delivers them."""
+    flag = tmp_path / "training-metrics-down"
+    flag.touch()
+    receiver = receiver_factory("--fail-route", "training-metrics", "--fail-while", str(flag))
+    env = job_env(world, receiver, tmp_path, EPOCHS="2", CALLBACK_MAX_ATTEMPTS="2", CALLBACK_FLUSH_TIMEOUT="3")
+    result = run_entry("train.py", env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert not receiver.bodies("training-metrics") and receiver.bodies("status")[-1]["status"] == "completed"
+    key = f"checkpoints/job-{env['JOB_ID']}/reports.json"
+    owed = json.loads(world["s3"].get_object(Bucket=world["bucket"], Key=key)["Body"].read())
+    assert [(e["epoch"], e["validation-results"]) for e in owed] == [(1, None), (2, None)]  # results were taken
+
+    flag.unlink()
+    again = run_entry("train.py", env, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr[-3000:]
+    rows = receiver.bodies("training-metrics")
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert [r["event_id"] for r in rows] == [e["training-metrics"]["event_id"] for e in owed]
+    assert [b["epoch"] for b in receiver.bodies("validation-results")] == [1, 2]  # not sent twice
+    assert [b["status"] for b in receiver.bodies("status")].count("completed") == 2
+    assert json.loads(world["s3"].get_object(Bucket=world["bucket"], Key=key)["Body"].read()) == []  # nothing owed
 
 
 def test_backend_without_training_metrics_or_image_routes_gets_every_number_as_metrics(world, receiver_factory,
