@@ -466,6 +466,7 @@ class EpochReporter:
         if self._own_clients and self.reports():
             if self._uploader:
                 self._uploader.wait(self.settings.shutdown_timeout)
+            self.tracker.flush(self.tracker.END_TIMEOUT)
             self.backend.close()
 
     def recover_from_files(self, trainer) -> None:

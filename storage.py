@@ -99,6 +99,7 @@ class Storage:
     """One client for the job's bucket: MinIO, R2, S3 through boto3, or a local folder."""
 
     STREAM_BELOW = 8 * 1024 * 1024  # objects under boto3's multipart threshold: one streamed GET
+    THREADS = 10  # boto3's own concurrency for one object's parts
 
     def __init__(self, settings: StorageSettings, interrupt: Callable[[], None] | None = None):
         self.settings = settings
@@ -218,7 +219,7 @@ class Storage:
                     streamed = self._get_streamed(loc, part, info.digest[0] if info.digest else None)
                 else:
                     with self._errors("download", loc):
-                        self._s3.download_file(loc.bucket, loc.key, str(part),
+                        self._s3.download_file(loc.bucket, loc.key, str(part), Config=self._parts(info.size),
                                                Callback=self._progress("downloading", loc, info.size))
                 got = part.stat().st_size
                 if got != info.size:
@@ -237,6 +238,18 @@ class Storage:
             part.unlink(missing_ok=True)
         log("downloaded %s in %.1f s", dest.name, time.monotonic() - start)
         return dest
+
+    @classmethod
+    def _parts(cls, size: int):
+        """boto3's transfer settings for an object of `size` bytes: about one part per thread, parts of
+        8 to 64 MB (boto3's fixed 8 MB parts make a 300 MB archive 38 requests, each with its own
+        latency; s5cmd uses 50 MB parts). Measured in docs/performance.md."""
+        from boto3.s3.transfer import TransferConfig
+
+        mb = 1024 * 1024
+        part = min(64 * mb, max(cls.STREAM_BELOW, -(-size // cls.THREADS // mb) * mb))
+        return TransferConfig(multipart_threshold=cls.STREAM_BELOW, multipart_chunksize=part,
+                              max_concurrency=cls.THREADS)
 
     def _get_streamed(self, loc: Location, part: Path, algorithm: str | None) -> str | None:
         """One GET streamed to disk, hashed on the way: for small objects, half the requests of boto3's
@@ -314,7 +327,8 @@ class Storage:
         previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key, Callback=self._progress("uploading", loc, size))
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size),
+                                     Callback=self._progress("uploading", loc, size))
             stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"

@@ -2,6 +2,8 @@
 one run per job, found again by its `job_id` tag when the job starts again, with the training
 arguments as parameters, every epoch's numbers at step = epoch, and the outputs as artifacts.
 
+Parameters and numbers go to the server from one background thread, in order, so the training
+thread never waits on it; ending the run first waits (bounded) for what is queued.
 Any tracking failure logs one warning and switches tracking off; the run is still ended.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
@@ -11,6 +13,7 @@ Imports: utils, config.
 
 from __future__ import annotations
 
+import collections
 import logging
 import os
 import re
@@ -44,10 +47,20 @@ class Tracker:
         self.experiment_id: str | None = None
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
+        self._init_queue()
+
+    def _init_queue(self) -> None:
+        self._jobs: collections.deque = collections.deque()  # (action, call): MLflow calls not made yet
+        self._cond = threading.Condition()
+        self._worker: threading.Thread | None = None
 
     def __getstate__(self) -> dict:
-        # a DDP worker makes its own client for the same run
-        return {**self.__dict__, "_client": None}
+        # a DDP worker makes its own client (and queue) for the same run
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_jobs", "_cond", "_worker")}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _client=None)
+        self._init_queue()
 
     @property
     def client(self):
@@ -112,12 +125,9 @@ class Tracker:
         from mlflow.entities import Param
 
         new = [Param(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
-        try:
-            for i in range(0, len(new), 100):
-                self.client.log_batch(self.run_id, params=new[i:i + 100])
-            self._params.update(p.key for p in new)
-        except Exception as e:
-            self._off("log parameters", e)
+        self._params.update(p.key for p in new)
+        for i in range(0, len(new), 100):
+            self._later("log parameters", self.client.log_batch, self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
@@ -128,10 +138,35 @@ class Tracker:
 
         stamp = int(time.time() * 1000)
         points = [Metric(k, v, stamp, step) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
-        try:
-            self.client.log_batch(self.run_id, metrics=points)
-        except Exception as e:
-            self._off("log metrics", e)
+        self._later("log metrics", self.client.log_batch, self.run_id, metrics=points)
+
+    def _later(self, action: str, call, *args, **kwargs) -> None:
+        """Make an MLflow call on the tracker's background thread, after those queued before it."""
+        with self._cond:
+            self._jobs.append((action, lambda: call(*args, **kwargs)))
+            if self._worker is None:
+                self._worker = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
+                self._worker.start()
+            self._cond.notify_all()
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._jobs)
+                action, call = self._jobs[0]
+            if self.active:  # after a failure, what is queued is dropped (tracking is off)
+                try:
+                    call()
+                except Exception as e:
+                    self._off(action, e)
+            with self._cond:
+                self._jobs.popleft()
+                self._cond.notify_all()
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until every queued call was made (or dropped); False if the timeout came first."""
+        with self._cond:
+            return self._cond.wait_for(lambda: not self._jobs, timeout)
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
@@ -147,6 +182,8 @@ class Tracker:
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
         if not self.run_id:
             return
+        if self.active and not self.flush(self.END_TIMEOUT):
+            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", self.END_TIMEOUT)
         if self.active:
             self._end(status)
             return
