@@ -37,7 +37,7 @@ from evaluation import evaluate, test_split
 from models import prepare_ultralytics
 from predict import fetch_checkpoint, load_model
 from storage import Storage
-from utils import EXIT_ERROR, EXIT_OK, Redactor, TrainerError, setup_logging
+from utils import EXIT_ERROR, EXIT_OK, Redactor, TrainerError, exit_now, setup_logging
 
 LOGGER = logging.getLogger("trainer.evaluate")
 
@@ -81,4 +81,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the job is done and reported: no interpreter teardown (utils.exit_now)

@@ -40,7 +40,7 @@ from exports import export_checkpoint, generated_images, store_exports, validati
 from models import prepare_ultralytics
 from predict import fetch_checkpoint
 from storage import Storage
-from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, setup_logging
+from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, exit_now, setup_logging
 
 LOGGER = logging.getLogger("trainer.export")
 
@@ -130,4 +130,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the job is done and reported: no interpreter teardown (utils.exit_now)

@@ -43,7 +43,8 @@ from exports import load_export
 from models import default_device, prepare_ultralytics
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
-from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, TransientError, available_cpus, setup_logging
+from utils import (EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, TransientError, available_cpus, exit_now,
+                   setup_logging)
 
 LOGGER = logging.getLogger("trainer.predict")
 
@@ -387,4 +388,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the job is done and reported: no interpreter teardown (utils.exit_now)

@@ -55,6 +55,7 @@ from utils import (
     TrainerError,
     available_cpus,
     background,
+    exit_now,
     now_iso,
     setup_logging,
     within,
@@ -315,4 +316,4 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())  # the job is done and reported: no interpreter teardown (utils.exit_now)

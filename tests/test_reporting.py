@@ -84,3 +84,104 @@ def _write(path, data: bytes):
 def _checkpoint(path, epoch: int):
     torch.save({"epoch": epoch}, path)
     return path
+
+
+def outbox_at(tmp_path, job: str = "o1"):
+    from outbox import Outbox
+
+    settings = load_settings({"JOB_ID": job, "DATASET_ID": "d", "STORAGE_TYPE": "local",
+                              "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work")})
+    storage = Storage(settings.storage)
+    outbox = Outbox(storage, settings.checkpoint_prefix)
+    return outbox, storage, storage._path(outbox.loc)
+
+
+def report(epoch: int) -> tuple[dict, list, dict]:
+    return ({"epoch": epoch, "event_id": f"r{epoch}"}, [{"image_name": f"{epoch}.jpg"}],
+            {"epoch": epoch, "event_id": f"m{epoch}"})
+
+
+def test_the_outbox_stores_what_is_owed_and_a_new_attempt_takes_only_the_epochs_its_checkpoint_holds(tmp_path):
+    import json
+    import time
+
+    outbox, storage, path = outbox_at(tmp_path)
+    for epoch in (1, 2, 3):
+        outbox.add(epoch, *report(epoch))
+    outbox.write()  # as before epoch 3's last.pt goes up
+    assert [e["epoch"] for e in json.loads(path.read_text())] == [1, 2, 3]
+    outbox.done(1, "validation-results")
+    outbox.done(1, "training-metrics")  # epoch 1 fully taken: rewritten without it, in the background
+    outbox.done(2, "training-metrics")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and len(json.loads(path.read_text())) != 2:
+        time.sleep(0.05)
+    stored = json.loads(path.read_text())
+    assert [(e["epoch"], bool(e["validation-results"]), bool(e["training-metrics"])) for e in stored] == [
+        (2, True, False), (3, True, True)]
+
+    again, _, _ = outbox_at(tmp_path)  # the job started again from a last.pt of 2 epochs
+    owed = again.owed(2)
+    assert [e["epoch"] for e in owed] == [2] and owed[0]["validation-results"]["event_id"] == "r2"
+    assert owed[0]["images"] == [{"image_name": "2.jpg"}]
+    again.done(2, "validation-results")
+    again.close()
+    assert json.loads(path.read_text()) == []  # epoch 3 is trained again, under new ids
+
+
+def test_a_missing_or_damaged_outbox_owes_nothing_and_the_job_goes_on(tmp_path, caplog):
+    outbox, _, path = outbox_at(tmp_path, "o2")
+    assert outbox.owed(5) == []
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('[{"epoch": 1, "validation-results"')  # cut short
+    assert outbox.owed(5) == []
+    assert "cannot read" in caplog.text
+    path.write_text('{"epoch": 1}')
+    assert outbox.owed(5) == []
+
+
+def test_without_a_callback_url_no_outbox_is_written(tmp_path):
+    from outbox import Outbox
+
+    _, storage, path = outbox_at(tmp_path, "o3")
+    off = Outbox(storage, "checkpoints/job-o3/", enabled=False)
+    off.add(1, *report(1))
+    off.write()
+    off.close()
+    assert not path.exists() and off.owed(1) == []
+
+
+def test_mlflow_calls_never_make_the_training_thread_wait_and_keep_their_order(tmp_path):
+    """A stub client (pure queueing logic): log_batch blocks until released, yet log_metrics returns;
+    finish waits for the queue, then ends the run after every call, in order."""
+    import threading
+
+    from tracking import Tracker
+
+    release, calls = threading.Event(), []
+
+    class SlowClient:
+        def log_batch(self, run_id, metrics=(), params=()):
+            release.wait(30)
+            calls.append(("batch", [m.step for m in metrics], [p.key for p in params]))
+
+        def set_terminated(self, run_id, status):
+            calls.append(("end", status))
+
+    settings = load_settings({"JOB_ID": "t2", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path)})
+    tracker = Tracker(settings, Redactor([]))
+    tracker._client, tracker.run_id, tracker.active = SlowClient(), "run1", True
+    tracker.log_params({"epochs": 3})
+    for step in (1, 2, 3):
+        tracker.log_metrics({"mAP50": 0.1 * step}, step=step)  # returns although the server is stuck
+    assert calls == [] and not tracker.flush(0.2)
+    release.set()
+    tracker.finish("FINISHED")
+    assert calls == [("batch", [], ["epochs"]), ("batch", [1], []), ("batch", [2], []), ("batch", [3], []),
+                     ("end", "FINISHED")]
+
+
+def test_large_transfers_use_about_one_part_per_thread():
+    mb = 1024 * 1024
+    parts = {size: Storage._parts(size * mb).multipart_chunksize // mb for size in (9, 25, 80, 300, 2000)}
+    assert parts == {9: 8, 25: 8, 80: 8, 300: 30, 2000: 64}  # boto3's 8 MB floor, 64 MB cap
