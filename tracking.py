@@ -2,10 +2,8 @@
 one run per job, found again by its `job_id` tag when the job starts again, with the training
 arguments as parameters, every epoch's numbers at step = epoch, and the outputs as artifacts.
 
-The run is started on a helper thread (`begin`) while Ultralytics sets up, and parameters and
-numbers go to the server from one background thread, in order, so the training thread never waits
-on the server; what needs the run waits for it (`ready`), and ending the run first waits (bounded)
-for what is queued.
+Parameters and numbers go to the server from one background thread, in order, so the training
+thread never waits on it; ending the run first waits (bounded) for what is queued.
 Any tracking failure logs one warning and switches tracking off; the run is still ended.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
@@ -22,7 +20,6 @@ import re
 import threading
 import time
 from pathlib import Path
-from typing import Callable
 
 from config import Settings
 from utils import Redactor
@@ -50,7 +47,6 @@ class Tracker:
         self.experiment_id: str | None = None
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
-        self._starting: threading.Thread | None = None  # begin()'s helper thread
         self._init_queue()
 
     def _init_queue(self) -> None:
@@ -60,10 +56,10 @@ class Tracker:
 
     def __getstate__(self) -> dict:
         # a DDP worker makes its own client (and queue) for the same run
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_jobs", "_cond", "_worker", "_starting")}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_jobs", "_cond", "_worker")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _client=None, _starting=None)
+        self.__dict__.update(state, _client=None)
         self._init_queue()
 
     @property
@@ -109,33 +105,6 @@ class Tracker:
         except Exception as e:
             self._off("start", e)
 
-    def begin(self, on_ready: Callable[[], None] | None = None) -> None:
-        """`start` on a helper thread: importing MLflow and the server calls (3.1 s of the job's start
-        on the benchmark, docs/performance.md) overlap Ultralytics' model and data-loader set-up.
-        `on_ready` runs once the run exists. Calls that need the run wait for it (`ready`)."""
-        def start() -> None:
-            self.start()
-            if self.run_id and on_ready:
-                try:
-                    on_ready()
-                except Exception as e:
-                    LOGGER.warning("after the MLflow run started: %s: %s", type(e).__name__, e)
-
-        self._starting = threading.Thread(target=start, name="mlflow-start", daemon=True)
-        self._starting.start()
-
-    def ready(self, timeout: float | None = None) -> bool:
-        """Wait for begin()'s start, if one is under way; False if it still is after `timeout`."""
-        starting = self._starting
-        if starting is None or starting is threading.current_thread():
-            return True
-        starting.join(timeout)
-        return not starting.is_alive()
-
-    def _open(self) -> bool:
-        """Calls may still be made: the run exists and tracking works, or the run is being created."""
-        return self.active or (self._starting is not None and self._starting.is_alive())
-
     def status_fields(self) -> dict:
         """The MLflow ids every status carries once the run exists (the UI links to the run)."""
         if not self.run_id:
@@ -150,37 +119,31 @@ class Tracker:
         return f"{self.redact(uri).rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def log_params(self, params: dict) -> None:
-        """Log parameters not logged before (MLflow refuses to change a logged value; a continued run's
-        are known once it is found)."""
-        if self._open():
-            self._later("log parameters", self._log_params, dict(params))
-
-    def _log_params(self, params: dict) -> None:
+        """Log parameters not logged before (MLflow refuses to change a logged value)."""
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         new = [Param(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
-        for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
         self._params.update(p.key for p in new)
+        for i in range(0, len(new), 100):
+            self._later("log parameters", self.client.log_batch, self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
         the same numbers are there under the contract's names."""
-        if self._open():
-            stamp = int(time.time() * 1000)
-            points = {k: v for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)}
-            self._later("log metrics", self._log_metrics, points, stamp, step)
-
-    def _log_metrics(self, points: dict, stamp: int, step: int) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Metric
 
-        self.client.log_batch(self.run_id, metrics=[Metric(k, v, stamp, step) for k, v in points.items()])
+        stamp = int(time.time() * 1000)
+        points = [Metric(k, v, stamp, step) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
+        self._later("log metrics", self.client.log_batch, self.run_id, metrics=points)
 
-    def _later(self, action: str, call, *args) -> None:
-        """Make an MLflow call on the tracker's background thread, after those queued before it
-        (and after the run exists)."""
+    def _later(self, action: str, call, *args, **kwargs) -> None:
+        """Make an MLflow call on the tracker's background thread, after those queued before it."""
         with self._cond:
-            self._jobs.append((action, lambda: call(*args)))
+            self._jobs.append((action, lambda: call(*args, **kwargs)))
             if self._worker is None:
                 self._worker = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
                 self._worker.start()
@@ -191,7 +154,6 @@ class Tracker:
             with self._cond:
                 self._cond.wait_for(lambda: self._jobs)
                 action, call = self._jobs[0]
-            self.ready()
             if self.active:  # after a failure, what is queued is dropped (tracking is off)
                 try:
                     call()
@@ -207,7 +169,6 @@ class Tracker:
             return self._cond.wait_for(lambda: not self._jobs, timeout)
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
-        self.ready()
         for f in files:
             if not self.active:
                 return
@@ -219,8 +180,6 @@ class Tracker:
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
-        if not self.ready(self.END_TIMEOUT):
-            LOGGER.warning("MLflow: the run is still being created after %g s; not waiting for it", self.END_TIMEOUT)
         if not self.run_id:
             return
         if self.active and not self.flush(self.END_TIMEOUT):

@@ -92,13 +92,10 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     check_dataset_or_fail(data, task, settings, backend)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
-    def announce_run() -> None:  # the UI links to the run from this status on (never after the final one)
-        if backend.final_status is None:
-            backend.status("running", reporter.progress(), **tracker.status_fields())
-
-    tracker.begin(on_ready=announce_run)  # the run is made while Ultralytics sets up
+    tracker.start()
+    if tracker.run_id:  # the UI links to the run while training runs
+        backend.status("running", 0, **tracker.status_fields())
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
-    tracker.ready()  # long since, in practice: what follows reads the run's ids
     stop.phase = "finishing"
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     uris = upload_outputs(storage, settings, trainer, reporter)
@@ -142,7 +139,6 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
             args.setdefault("optimizer", "AdamW")
     if "," in device:  # several GPUs: Ultralytics relaunches training as DDP worker processes
         reporter.stop.phase = "ddp"
-        reporter.tracker.ready()  # the workers get a copy of the tracker: it must hold the run's id
     LOGGER.info("%s %s on %s for %d epochs (device %s)", "resuming" if resume else "training",
                 settings.model_name, data, settings.epochs, device)
     try:
