@@ -26,22 +26,30 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+import backend  # noqa: E402
 import cache  # noqa: E402
+import datasets  # noqa: E402
+import outbox  # noqa: E402
+import reporting  # noqa: E402
+import storage  # noqa: E402
+import tracking  # noqa: E402
 import train  # noqa: E402
-import utils  # noqa: E402
 
-# (owner, attribute): what is wrapped. Hooks and per-epoch work first, then the job's steps.
+# (owner, attribute): what is wrapped, where its callers look it up. Hooks and per-epoch work
+# first, then the job's steps.
 WRAPPED = [
-    (train.EpochReporter, "on_pretrain_routine_end"), (train.EpochReporter, "on_batch_end"),
-    (train.EpochReporter, "on_val_start"), (train.EpochReporter, "on_train_epoch_end"),
-    (train.EpochReporter, "on_model_save"), (train.EpochReporter, "on_fit_epoch_end"),
-    (train.CheckpointUploader, "submit"), (train, "checkpoint_problem"), (utils.Storage, "upload"),
-    (utils.Storage, "head"), (utils.Storage, "download"), (utils, "file_digest"), (utils.Backend, "_attempt"),
-    (utils.Backend, "poll_health_now"), (utils.Backend, "close"), (train, "epoch_report"),
-    (train.Tracker, "start"), (train.Tracker, "log_params"), (train.Tracker, "log_metrics"),
-    (train.Tracker, "log_artifacts"), (train.Tracker, "finish"),
+    (reporting.EpochReporter, "on_pretrain_routine_end"), (reporting.EpochReporter, "on_batch_end"),
+    (reporting.EpochReporter, "on_val_start"), (reporting.EpochReporter, "on_train_epoch_end"),
+    (reporting.EpochReporter, "on_model_save"), (reporting.EpochReporter, "on_fit_epoch_end"),
+    (reporting.CheckpointUploader, "submit"), (reporting, "checkpoint_problem"), (storage.Storage, "upload"),
+    (storage.Storage, "put_bytes"), (storage.Storage, "copy"), (outbox.Outbox, "write"),
+    (storage.Storage, "head"), (storage.Storage, "download"), (storage, "file_digest"), (backend.Backend, "_attempt"),
+    (backend.Backend, "poll_health_now"), (backend.Backend, "close"), (reporting, "epoch_report"),
+    (tracking.Tracker, "start"), (tracking.Tracker, "log_params"), (tracking.Tracker, "log_metrics"),
+    (tracking.Tracker, "_log_params"), (tracking.Tracker, "_log_metrics"),
+    (tracking.Tracker, "log_artifacts"), (tracking.Tracker, "finish"),
     (train, "load_settings"), (train, "prepare_ultralytics"), (train, "completed_before"), (train, "prepare_run"),
-    (train, "download_dataset"), (train, "extract_archive"), (train, "resolve_model"), (train, "resolve_task"),
+    (train, "download_dataset"), (datasets, "extract_archive"), (train, "resolve_model"), (train, "resolve_task"),
     (train, "check_dataset_or_fail"), (train, "train_model"), (train, "upload_outputs"), (train, "mark_completed"),
     (train, "log_run_artifacts"), (train, "upload_event_log"), (cache, "remove_job_files"),
 ]
