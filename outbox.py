@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 
 from storage import Storage, StorageNotFound
 
@@ -33,6 +34,8 @@ ROUTES = ("validation-results", "training-metrics")
 
 class Outbox:
     """The reports not yet taken by the backend, per epoch and route, mirrored to storage."""
+
+    GATHER = 0.25  # seconds a rewrite waits for the other route of the same epoch: one PUT, not two
 
     def __init__(self, storage: Storage, prefix: str, enabled: bool = True):
         self.storage = storage
@@ -112,6 +115,7 @@ class Outbox:
     def _rewriter(self) -> None:
         while not self._closed:
             self._dirty.wait()
+            time.sleep(self.GATHER)
             self._dirty.clear()
             if not self._closed:
                 self.write()
