@@ -17,6 +17,7 @@ import re
 import shutil
 import stat
 import tarfile
+import threading
 import zipfile
 import zlib
 from pathlib import Path
@@ -62,15 +63,16 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
                 _check_entries(archive, root, entries)
                 _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"], max_bytes)
                 budget = _Budget(archive, max_bytes)
+                files = []
                 for info, name, target, kind in entries:
-                    with _writing(archive, name):
-                        if kind == "dir":
+                    if kind == "file":
+                        files.append((info, name, target))
+                    elif kind == "dir":
+                        with _writing(archive, name):
                             target.mkdir(parents=True, exist_ok=True)
-                        elif kind == "file":
-                            with zf.open(info) as src:
-                                budget.copy(src, target)
-                        else:
-                            LOGGER.warning("skipping %s in %s: a %s", name, archive.name, kind)
+                    else:
+                        LOGGER.warning("skipping %s in %s: a %s", name, archive.name, kind)
+                _extract_zip_files(zf, archive, files, budget)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 members = _tar_members(tf, archive, max_files)  # every header, before anything is written
@@ -94,6 +96,31 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
         raise BadInput(f"{archive.name} is corrupt or truncated: {e}") from None
     dest.mkdir(parents=True, exist_ok=True)
     return dest
+
+
+EXTRACT_THREADS = 4  # zip entries written at once: inflating and writing release the GIL
+
+
+def _extract_zip_files(zf: zipfile.ZipFile, archive: Path, files: list, budget: _Budget) -> None:
+    """Write the zip's files from EXTRACT_THREADS threads (a dataset is thousands of small files: one
+    thread waits on each file's creation in turn). One ZipFile serves them all: it reads members
+    under its own lock. The first failure stops the rest and is raised."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def extract(item) -> None:
+        info, name, target = item
+        with _writing(archive, name), zf.open(info) as src:
+            budget.copy(src, target)
+
+    pool = ThreadPoolExecutor(EXTRACT_THREADS, thread_name_prefix="extract")
+    try:
+        for future in [pool.submit(extract, item) for item in files]:
+            future.result()
+    except BaseException:
+        budget.stop()  # entries being written end at their next chunk; queued ones never start
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
@@ -139,6 +166,10 @@ NAME_MAX = 255  # bytes in one path part, on every common Linux file system
 
 
 PATH_MAX = 4096
+
+
+class _Stopped(Exception):
+    """An entry ended because another one failed (that failure is the one raised)."""
 
 
 def _check_entries(archive: Path, root: Path, entries: list[tuple[Any, str, Path, str]]) -> None:
@@ -222,11 +253,18 @@ def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int) -> 
 
 
 class _Budget:
-    """Counts the bytes really written while extracting, against DATASET_MAX_BYTES."""
+    """Counts the bytes really written while extracting, against DATASET_MAX_BYTES (from several
+    threads: the count is shared)."""
 
     def __init__(self, archive: Path, max_bytes: int):
         self.archive, self.left = archive, max_bytes
         self._made: set[Path] = set()  # folders made so far: one mkdir per folder, not per file
+        self._lock = threading.Lock()
+        self._stopped = False
+
+    def stop(self) -> None:
+        """Another entry failed: end the others at their next chunk."""
+        self._stopped = True
 
     def copy(self, src, target: Path) -> None:
         if target.parent not in self._made:
@@ -234,10 +272,14 @@ class _Budget:
             self._made.add(target.parent)
         with open(target, "wb") as out:
             while chunk := src.read(1 << 20):
-                self.left -= len(chunk)
-                if self.left < 0:
+                with self._lock:
+                    self.left -= len(chunk)
+                    over = self.left < 0
+                if over:
                     raise BadInput(f"{self.archive.name} expands beyond DATASET_MAX_BYTES "
                                    "(its headers understate its size)")
+                if self._stopped:
+                    raise _Stopped()
                 out.write(chunk)
 
 

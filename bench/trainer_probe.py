@@ -46,7 +46,6 @@ WRAPPED = [
     (storage.Storage, "head"), (storage.Storage, "download"), (storage, "file_digest"), (backend.Backend, "_attempt"),
     (backend.Backend, "poll_health_now"), (backend.Backend, "close"), (reporting, "epoch_report"),
     (tracking.Tracker, "start"), (tracking.Tracker, "log_params"), (tracking.Tracker, "log_metrics"),
-    (tracking.Tracker, "_log_params"), (tracking.Tracker, "_log_metrics"),
     (tracking.Tracker, "log_artifacts"), (tracking.Tracker, "finish"),
     (train, "load_settings"), (train, "prepare_ultralytics"), (train, "completed_before"), (train, "prepare_run"),
     (train, "download_dataset"), (datasets, "extract_archive"), (train, "resolve_model"), (train, "resolve_task"),
