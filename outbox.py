@@ -47,6 +47,7 @@ class Outbox:
         self._written: bytes | None = None  # what storage holds, as far as this process knows
         self._dirty = threading.Event()
         self._closed = False
+        self._held = False  # this process has held reports: only then is the file its to write
         if enabled:
             threading.Thread(target=self._rewriter, name="reports-outbox", daemon=True).start()
 
@@ -56,6 +57,7 @@ class Outbox:
             with self._lock:
                 self._entries[epoch] = {"epoch": epoch, "validation-results": result, "images": images,
                                         "training-metrics": row}
+                self._held = True
 
     def done(self, epoch: int, route: str) -> None:
         """The backend took (or refused for good) this epoch's report on `route`: not owed any more."""
@@ -88,11 +90,14 @@ class Outbox:
         with self._lock:
             for entry in owed:
                 self._entries[entry["epoch"]] = entry
+                self._held = True
         return owed
 
     def write(self) -> None:
-        """Store what is owed now (before a last.pt goes up); a write that fails is only logged."""
-        if not self.enabled:
+        """Store what is owed now (before a last.pt goes up); a write that fails is only logged. A process
+        that never held a report leaves the file alone (after multi-GPU training the DDP worker that
+        reported owns it, not train.py's own process)."""
+        if not self.enabled or not self._held:
             return
         with self._write_lock:
             with self._lock:

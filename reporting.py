@@ -468,6 +468,8 @@ class EpochReporter:
                 self._uploader.wait(self.settings.shutdown_timeout)
             self.tracker.flush(self.tracker.END_TIMEOUT)
             self.backend.close()
+            if self._outbox:
+                self._outbox.close()  # what the backend did not take stays owed in storage
 
     def recover_from_files(self, trainer) -> None:
         """After DDP training the epochs were reported by a worker: take the summary from its files."""

@@ -129,6 +129,20 @@ def test_the_outbox_stores_what_is_owed_and_a_new_attempt_takes_only_the_epochs_
     assert json.loads(path.read_text()) == []  # epoch 3 is trained again, under new ids
 
 
+def test_a_process_that_never_held_a_report_leaves_the_outbox_alone(tmp_path):
+    """After multi-GPU training the DDP worker reported and owns the file; train.py's own process,
+    which held no report, must not overwrite what the worker left owed."""
+    import json
+
+    worker, _, path = outbox_at(tmp_path, "o4")
+    worker.add(1, *report(1))
+    worker.close()
+    main, _, _ = outbox_at(tmp_path, "o4")
+    main.write()
+    main.close()
+    assert [e["epoch"] for e in json.loads(path.read_text())] == [1]
+
+
 def test_a_missing_or_damaged_outbox_owes_nothing_and_the_job_goes_on(tmp_path, caplog):
     outbox, _, path = outbox_at(tmp_path, "o2")
     assert outbox.owed(5) == []
