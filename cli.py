@@ -13,9 +13,9 @@ configuration or a missing object (retrying cannot help; wins over 75), 75 when 
 unreachable. Storage requests get at most 2 tries of at most 10 s here, so an unreachable store is
 reported in seconds rather than after a job's full retries.
 
-Environment: every variable of config.ENV_VARS (through load_settings); MLFLOW_TRACKING_TOKEN, or
+Environment: every variable of variables.ENV_VARS (through load_settings); MLFLOW_TRACKING_TOKEN, or
 MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD, for an MLflow server that wants them.
-Imports: utils, config, storage, archives; models and predict inside the checks that need them.
+Imports: utils, variables, config, storage, archives; models and predict inside the checks that need them.
 """
 
 from __future__ import annotations
@@ -36,7 +36,8 @@ from pathlib import Path
 from typing import Callable, Mapping, TextIO
 
 from archives import archive_kind
-from config import ENV_HELP, ENV_VARS, Settings, load_settings
+from config import Settings, load_settings
+from variables import ENV_HELP, ENV_VARS
 from storage import Location, Storage, StorageNotFound
 from utils import (
     EXIT_BAD_INPUT,
@@ -88,7 +89,7 @@ def handle(argv: list[str], entry: str, description: str) -> int | None:
 
 
 def help_text(entry: str, description: str) -> str:
-    """The entry point's docstring, its options, and every variable it reads (config.ENV_HELP)."""
+    """The entry point's docstring, its options, and every variable it reads (variables.ENV_HELP)."""
     script = f"{entry}.py"
     train = entry == "train"
     lines = [description.strip(), "", USAGE.format(script=script), "",

@@ -14,7 +14,7 @@ epoch and never report it. So the reports travel with the checkpoint:
 
 Without CALLBACK_URL nothing is written or read. A failed write is logged and never stops an upload.
 Environment (through Settings): CALLBACK_URL (enables it), JOB_ID (the key).
-Imports: utils, config, storage.
+Imports: storage.
 """
 
 from __future__ import annotations

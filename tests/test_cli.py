@@ -17,7 +17,7 @@ import uuid
 import pytest
 
 import cli
-from config import ENV_HELP, ENV_VARS
+from variables import ENV_HELP, ENV_VARS
 from tests.conftest import AUTH_TOKEN, ROOT, SECRETS, free_port, storage_env
 from utils import BadInput
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from config import ENV_HELP, ENV_VARS, load_settings
+from config import load_settings
+from variables import ENV_HELP, ENV_VARS
 from tests.conftest import ROOT, run_entry
 from utils import ConfigError, Redactor
 
