@@ -46,6 +46,7 @@ class Event:
     progress: bool = False  # a per-epoch progress status: a newer one replaces it while queued
     on_success: Callable[[Any], None] | None = None  # called with the response once the backend took it
     on_done: Callable[[], None] | None = None  # called once the backend took it or refused it for good
+    on_refused: Callable[[], None] | None = None  # called once it was refused for good (taken: on_success)
     attempts: int = 0
     refusals: int = 0  # connection attempts refused (ECONNREFUSED): nothing listens at the backend's address
     not_before: float = 0.0
@@ -122,41 +123,52 @@ class Backend:
     def validation_results(self, body: dict, images: list[dict] | None = None,
                            on_done: Callable[[], None] | None = None) -> None:
         """One epoch's validation result; once the backend has stored it, its per-image results.
-        A body may bring its own `event_id` (a report sent again after a restart keeps its first one)."""
+        A body may bring its own `event_id` (a report sent again after a restart keeps its first one).
+        `on_done` runs once the result and all its per-image results were taken (or refused for good)."""
         body = {**body, "event_id": body.get("event_id") or uuid.uuid4().hex}
 
         def accepted(response) -> None:
             result_id = _answer_field(response, "validation_result_id", "id")
             if isinstance(result_id, int):
-                self.validation_image_results(result_id, body["epoch"], images, body["event_id"])
-            elif ("validation-image-results", 0) not in self._warned:
+                self.validation_image_results(result_id, body["epoch"], images, body["event_id"], on_done)
+                return
+            if ("validation-image-results", 0) not in self._warned:
                 self._warned.add(("validation-image-results", 0))
                 LOGGER.warning("the backend's validation-results answer has no validation_result_id: "
                                "per-image results are not sent")
+            _call(on_done)
 
-        self._emit("POST", "validation-results", body, critical=True, on_success=accepted if images else None,
-                   on_done=on_done)
+        if images:  # done once the images are: `accepted` passes on_done down to them
+            self._emit("POST", "validation-results", body, critical=True, on_success=accepted,
+                       on_refused=on_done)
+        else:
+            self._emit("POST", "validation-results", body, critical=True, on_done=on_done)
 
-    def validation_image_results(self, result_id: int, epoch: int, images: list[dict], parent: str) -> None:
+    def validation_image_results(self, result_id: int, epoch: int, images: list[dict], parent: str,
+                                 on_done: Callable[[], None] | None = None) -> None:
         """Per-image results of a stored validation result, IMAGE_BATCH per request. Their event_ids
-        derive from the result's (`parent`), so the same result sent again brings the same ids."""
-        for i in range(0, len(images), self.IMAGE_BATCH):
+        derive from the result's (`parent`), so the same result sent again brings the same ids.
+        `on_done` runs once every request was taken (or refused for good)."""
+        starts = range(0, len(images), self.IMAGE_BATCH)
+        each = _after_all(len(starts), on_done)
+        for i in starts:
             chunk = [{**image, "validation_result_id": result_id, "epoch": epoch,
                       "event_id": uuid.uuid5(uuid.NAMESPACE_URL, f"{parent}/{i + j}").hex}
                      for j, image in enumerate(images[i:i + self.IMAGE_BATCH])]
-            self._emit("POST", "validation-image-results", chunk)
+            self._emit("POST", "validation-image-results", chunk, on_done=each)
 
     def training_metrics(self, row: dict, on_done: Callable[[], None] | None = None) -> None:
-        """One epoch's row of every number; a backend without the route gets them as `metrics`."""
+        """One epoch's row of every number; a backend without the route gets them as `metrics`.
+        `on_done` runs once the row (or every `metrics` post in its place) was taken."""
         if "training-metrics" in self._disabled_routes:
-            self._metrics_instead(row)
-            _call(on_done)
+            self._metrics_instead(row, on_done)
         else:
             self._emit("POST", "training-metrics", row, on_done=on_done)
 
-    def metric(self, name: str, value: float, epoch: int, **extra) -> None:
+    def metric(self, name: str, value: float, epoch: int, on_done: Callable[[], None] | None = None,
+               **extra) -> None:
         body = {"name": name, "value": value, "epoch": epoch, "timestamp": now_iso(), **extra}
-        self._emit("POST", "metrics", body, key=f"metrics:{name}")
+        self._emit("POST", "metrics", body, key=f"metrics:{name}", on_done=on_done)
 
     def log(self, message: str, level: str = "INFO", epoch: int | None = None) -> None:
         body = {"message": self.redact(message), "level": level, "timestamp": now_iso()}
@@ -207,7 +219,7 @@ class Backend:
 
     def _emit(self, method: str, route: str, body: dict | list, critical: bool = False, barrier: bool = False,
               progress: bool = False, key: str | None = None, on_success: Callable[[Any], None] | None = None,
-              on_done: Callable[[], None] | None = None) -> None:
+              on_done: Callable[[], None] | None = None, on_refused: Callable[[], None] | None = None) -> None:
         if isinstance(body, list):
             body = [{**element, "event_id": element.get("event_id") or uuid.uuid4().hex} for element in body]
         else:
@@ -216,7 +228,7 @@ class Backend:
         if not self.settings.url:
             LOGGER.info("event %s %s: %s", method, route, json.dumps(body)[:500])
             return
-        event = Event(method, route, body, key or route, critical, barrier, progress, on_success, on_done)
+        event = Event(method, route, body, key or route, critical, barrier, progress, on_success, on_done, on_refused)
         with self._cond:
             if progress:  # only the newest progress matters to the backend
                 self._queue = [e for e in self._queue if not (e.progress and not e.sending)]
@@ -235,10 +247,14 @@ class Backend:
                                    "and log events; they stay in the event log")
                 return
 
-    def _metrics_instead(self, row: dict) -> None:
-        """The backend has no training-metrics route: the row's numbers go out one `metrics` post each."""
-        for name, value in row["extra_metrics"].items():
-            self.metric(name, value, row["epoch"], step=row["epoch"])
+    def _metrics_instead(self, row: dict, on_done: Callable[[], None] | None = None) -> None:
+        """The backend has no training-metrics route: the row's numbers go out one `metrics` post each,
+        with event_ids derived from the row's (the same row sent again brings the same ids)."""
+        numbers = row.get("extra_metrics") or {}
+        each = _after_all(len(numbers), on_done)
+        for name, value in numbers.items():
+            event_id = uuid.uuid5(uuid.NAMESPACE_URL, f"{row.get('event_id') or uuid.uuid4().hex}/{name}").hex
+            self.metric(name, value, row["epoch"], on_done=each, step=row["epoch"], event_id=event_id)
 
     def _append_event_log(self, method: str, route: str, body: dict) -> None:
         if self.event_log is None:
@@ -291,7 +307,8 @@ class Backend:
             except Exception as e:  # a sender thread must never die: its route would stall for good
                 LOGGER.warning("sending %s %s failed unexpectedly: %s: %s", event.method, event.route,
                                type(e).__name__, self.redact(e))
-                delay = None if event.attempts >= self.settings.max_attempts and not event.critical else 1.0
+                event.attempts += 1
+                delay = None if event.attempts >= self.settings.max_attempts else 1.0
             with self._cond:
                 event.sending = False
                 self._inflight.discard(event.key)
@@ -328,9 +345,7 @@ class Backend:
         import requests
 
         if event.route in self._disabled_routes:  # switched off by a 404 since it was queued
-            if event.route == "training-metrics":
-                self._metrics_instead(event.body)
-            _call(event.on_done)
+            self._route_absent(event)
             return None
         event.attempts += 1
         retry_after = None
@@ -350,9 +365,7 @@ class Backend:
                 return None
             if code == 404:
                 self._disable(event.route)
-                if event.route == "training-metrics":
-                    self._metrics_instead(event.body)
-                _call(event.on_done)
+                self._route_absent(event)
                 return None
             if code not in RETRY_STATUSES:
                 if (event.route, code) not in self._warned:
@@ -363,6 +376,7 @@ class Backend:
                     LOGGER.error("backend rejected %s %s with %d%s: %s", event.method, event.route, code, hint,
                                  self.redact(_refusal_detail(response)))
                 _call(event.on_done)  # refused for good: sending it again would not change that
+                _call(event.on_refused)
                 return None
             retry_after = _retry_after(response.headers.get("Retry-After"))
             problem = f"HTTP {code}"
@@ -384,6 +398,15 @@ class Backend:
         backoff = random.uniform(0, min(self.BACKOFF_CAP, self.BACKOFF_BASE * 2 ** (event.attempts - 1)))
         LOGGER.debug("%s %s failed (%s), retrying in %.1f s", event.method, event.route, problem, backoff)
         return max(backoff, retry_after or 0.0)
+
+    def _route_absent(self, event: Event) -> None:
+        """The event's route is absent (404): a training-metrics row goes out as `metrics` posts (done
+        once they are), anything else is done with."""
+        if event.route == "training-metrics":
+            self._metrics_instead(event.body, event.on_done)
+        else:
+            _call(event.on_done)
+            _call(event.on_refused)
 
     def close(self, timeout: float | None = None) -> int:
         """Deliver what is queued for up to `timeout` seconds, then stop. Returns events left unsent."""
@@ -407,6 +430,26 @@ class Backend:
         if inflight:
             LOGGER.warning("%d callback event(s) still in flight at exit", inflight)
         return len(left)
+
+
+def _after_all(count: int, callback: Callable[[], None] | None) -> Callable[[], None] | None:
+    """A callback to give each of `count` events: the last of them to be done runs `callback`."""
+    if callback is None:
+        return None
+    if count == 0:
+        _call(callback)
+        return None
+    left = [count]
+    lock = threading.Lock()
+
+    def one_done() -> None:
+        with lock:
+            left[0] -= 1
+            last = left[0] == 0
+        if last:
+            _call(callback)
+
+    return one_done
 
 
 def _call(callback: Callable[[], None] | None) -> None:

@@ -342,6 +342,9 @@ class EpochReporter:
         if trainer.start_epoch:
             self.backend.log(f"resumed training at epoch {trainer.start_epoch + 1} of {trainer.epochs}",
                              epoch=trainer.start_epoch + 1)
+            # sent by the process that reports the epochs to come (in DDP, rank 0's worker): one writer
+            # of reports.json per job at a time
+            self.send_owed(trainer.start_epoch)
 
     def on_train_start(self, trainer) -> None:
         self.stop.check()
@@ -391,11 +394,16 @@ class EpochReporter:
             self.uploader.submit(*saved)
 
     def on_fit_epoch_end(self, trainer) -> None:
+        try:
+            self._end_epoch(trainer)
+        finally:  # the epoch's checkpoint goes up whatever happened to its reports
+            self._submit_saved()
+
+    def _end_epoch(self, trainer) -> None:
         capture = self._capture
         if capture:
             capture.stop()
         if self._pending is None or self._pending[0] != trainer.epoch:
-            self._submit_saved()
             self.final_metrics = contract_metrics(trainer.metrics or {}, None)
             return
         _, train = self._pending
@@ -406,7 +414,6 @@ class EpochReporter:
         if trainer.stop:  # the last epoch: what follows (final evaluation, uploads) is not cancelled
             self.stop.phase = "finishing"
         if not self.reports():
-            self._submit_saved()
             return
         self.backend.poll_health_now()  # a cancellation pressed during the epoch is seen now
         body, images, row = epoch_report(trainer.args.task, epoch, total, metrics, train, trainer.validator, capture)
@@ -424,7 +431,7 @@ class EpochReporter:
         self.outbox.add(epoch, body, images, row)
         with self._lock:
             self._unsent[epoch] = {"epoch": epoch, "validation-results": body, "images": images, "training-metrics": row}
-        self._submit_saved()
+        self._submit_saved()  # after outbox.add: the upload writes this epoch's reports before its last.pt
         self._send_stored()
 
     def checkpoint_stored(self, epoch: int) -> None:

@@ -182,8 +182,9 @@ class Tracker:
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
         if not self.run_id:
             return
-        if self.active and not self.flush(self.END_TIMEOUT):
-            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", self.END_TIMEOUT)
+        wait = self.END_TIMEOUT if status == "FINISHED" else self.END_TIMEOUT / 5  # a stopped job has seconds
+        if self.active and not self.flush(wait):
+            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", wait)
         if self.active:
             self._end(status)
             return

@@ -79,8 +79,8 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     prepare_ultralytics(settings.work_dir)
     run = prepare_run(storage, settings)
     reporter.use_storage(storage)
-    reporter.send_owed(run.epochs_done)  # a killed attempt's last reports, before any new one
     if run.finished:  # a pod started again after the training was over: report it, train nothing
+        reporter.send_owed(run.epochs_done)  # (a resumed training sends them as it resumes)
         mark_completed(storage, settings, run.finished)
         backend.status("completed", 100, **run.finished)
         return

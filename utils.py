@@ -190,7 +190,14 @@ def exit_now(code: int) -> None:
     import sys
     import time
 
+    from concurrent.futures import thread as pool_threads
+
+    # what interpreter shutdown does first: tell idle thread-pool workers (of pools a library never
+    # shut down, e.g. MLflow's artifact uploads) to end, then wait for every non-daemon thread
+    waker = threading.Thread(target=getattr(pool_threads, "_python_exit", lambda: None), daemon=True)
+    waker.start()
     deadline = time.monotonic() + 30.0
+    waker.join(30.0)
     for thread in threading.enumerate():
         if thread is not threading.current_thread() and not thread.daemon:
             thread.join(max(0.0, deadline - time.monotonic()))

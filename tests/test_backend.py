@@ -298,3 +298,45 @@ def test_a_sender_survives_an_unexpected_error_and_still_delivers(receiver, tmp_
     backend.close()
     assert failures == ["status"]
     assert [b["status"] for b in receiver.bodies("status")] == ["running"]
+
+
+def test_a_result_is_done_only_once_its_image_results_were_taken_and_sent_again_keeps_every_id(receiver_factory,
+                                                                                               tmp_path):
+    """What the reports outbox relies on: `on_done` of a validation result waits for its per-image
+    results; a result sent again (a job started again) brings the same result and image ids."""
+    flag = tmp_path / "images-down"
+    flag.touch()
+    receiver = receiver_factory("--fail-route", "validation-image-results", "--fail-while", str(flag))
+    images = [{"image_name": f"images/val/{i}.jpg", "image_index": i, "is_correct": True} for i in range(150)]
+    body = {**result(1), "event_id": "result-1"}
+    done = []
+    first = client(receiver.url("1"), tmp_path, max_attempts=2, flush_timeout=5)
+    first.validation_results(body, images, on_done=lambda: done.append("first"))
+    first.close()
+    assert receiver.bodies("validation-results") and not receiver.bodies("validation-image-results")
+    assert done == []  # the images were given up on: still owed
+
+    flag.unlink()
+    again = client(receiver.url("1"), tmp_path / "again")
+    again.validation_results(body, images, on_done=lambda: done.append("again"))
+    assert again.close() == 0 and done == ["again"]
+    assert {b["event_id"] for b in receiver.bodies("validation-results")} == {"result-1"}
+    ids = [i["event_id"] for p in receiver.bodies("validation-image-results") for i in p]
+    tried = [i["event_id"] for e in receiver.requests("validation-image-results", stored_only=False)
+             if e["outcome"] == 500 for i in e["body"]]
+    assert len(set(ids)) == 150 and set(tried) <= set(ids)  # the same ids as the first job's tries
+
+
+def test_a_row_sent_as_metrics_where_the_route_is_absent_is_done_once_they_are_with_stable_ids(receiver_factory,
+                                                                                                tmp_path):
+    receiver = receiver_factory("--missing-route", "training-metrics")
+    done = []
+    backend = client(receiver.url("1"), tmp_path)
+    the_row = {**row(1, train_loss=1.0, val_loss=2.0), "event_id": "row-1"}
+    backend.training_metrics(the_row, on_done=lambda: done.append(1))  # 404: goes out as metrics
+    backend.training_metrics(the_row, on_done=lambda: done.append(2))  # the same row again: the same ids
+    assert backend.close() == 0
+    assert done == [1, 2]
+    posts = receiver.bodies("metrics")
+    assert sorted(p["name"] for p in posts) == ["train_loss", "train_loss", "val_loss", "val_loss"]
+    assert len({p["event_id"] for p in posts}) == 2

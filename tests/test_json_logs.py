@@ -135,3 +135,24 @@ def test_json_mode_never_draws_a_terminal_bar(monkeypatch):
         assert not progress.on_terminal()
     finally:
         logging.getLogger().removeHandler(handler)
+
+
+def test_exit_now_keeps_the_code_and_every_line_and_does_not_wait_for_idle_thread_pools():
+    """The entry points end with utils.exit_now (no interpreter teardown). With JSON logs the process's
+    own stdout and stderr are pipes drained by threads; an idle thread pool nobody shut down (MLflow
+    leaves one) must not hold the exit for exit_now's 30 s bound."""
+    code = (
+        "import logging, os, sys\n"
+        "from concurrent.futures import ThreadPoolExecutor\n"
+        "from utils import Redactor, exit_now, setup_logging\n"
+        "setup_logging(os.environ, Redactor([]), capture_stdout=True)\n"
+        "pool = ThreadPoolExecutor(2)\n"
+        "pool.submit(lambda: 1).result()\n"  # kept, never shut down: its idle worker is a non-daemon thread
+        "logging.getLogger('trainer').warning('last record')\n"
+        "print('printed last', end='')\n"  # no newline, not flushed: exit_now must get it out
+        "exit_now(7)\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=20,
+                            env={"PATH": "/usr/bin:/bin", "LOG_FORMAT": "json", "PYTHONPATH": str(ROOT)})
+    assert result.returncode == 7, result.stderr
+    messages = [e["message"] for e in parse_every_line(result.stderr)]
+    assert messages[-2:] == ["last record", "printed last"], messages
