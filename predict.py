@@ -40,6 +40,7 @@ import cli
 from config import Settings, load_settings, log_configuration
 from datasets import IMAGE_SUFFIXES
 from exports import load_export
+from jsonlog import json_logging
 from models import default_device, prepare_ultralytics
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
@@ -349,9 +350,13 @@ def main() -> int:
         return code
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
-    setup_logging(os.environ, redact)
     json_out = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout, kept for the document
-    os.dup2(2, 1)  # anything else that prints (Ultralytics, C libraries) lands on stderr
+    # anything else that prints (Ultralytics, C libraries) lands on stderr: with LOG_FORMAT=json as
+    # records of its own capture (fd 1 is not a copy of fd 2's pipe then, which kept that pipe open
+    # past the exit and cost a 2 s wait), else by pointing fd 1 at stderr
+    setup_logging(os.environ, redact, capture_stdout=True)
+    if not json_logging():
+        os.dup2(2, 1)
     sys.stdout = sys.stderr
     folder = None  # this run's spool folder, removed on every way out
     try:
