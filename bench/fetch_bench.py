@@ -385,7 +385,7 @@ def report(results: dict, args, load: str, sizes: dict) -> None:
         boto_met = "" if shape == "archive" else (" yes" if vs_boto >= 4 else " **no**")
         print(f"| {shape} | {s5:.1f} | {tr:.1f} | {bo:.1f} | {ratio:.2f}x | <= 1.2x: {met} | {vs_boto:.2f}x | "
               f"{boto_target}{boto_met} |")
-    print("\nPhases (median seconds; the trainer's prefix phases are summed over its 8 download threads):\n")
+    print("\nPhases (median seconds; the trainer's prefix phases are summed over its download threads):\n")
     print("| shape | way | total | download | checksum | extract | other |")
     print("| --- | --- | ---: | ---: | ---: | ---: | ---: |")
     for shape in shapes:
