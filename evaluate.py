@@ -37,7 +37,7 @@ from evaluation import evaluate, test_split
 from models import prepare_ultralytics
 from predict import fetch_checkpoint, load_model
 from storage import Storage
-from utils import EXIT_ERROR, EXIT_OK, Redactor, TrainerError, exit_now, setup_logging
+from utils import EXIT_OK, Redactor, exit_now, failure_code, setup_logging
 
 LOGGER = logging.getLogger("trainer.evaluate")
 
@@ -65,12 +65,8 @@ def main() -> int:
         document = {"checkpoint": storage.uri(storage.locate(settings.checkpoint_uri))
                     if not Path(settings.checkpoint_uri).expanduser().is_file() else settings.checkpoint_uri,
                     "dataset": settings.dataset_uri, **report}
-    except TrainerError as e:
-        LOGGER.error("evaluation failed (exit %d): %s", e.exit_code, redact(e))
-        return e.exit_code
     except Exception as e:
-        LOGGER.error("evaluation failed: %s", redact(f"{type(e).__name__}: {e}"), exc_info=True)
-        return EXIT_ERROR
+        return failure_code(LOGGER, "evaluation", e, redact)
     else:
         json_out.write(json.dumps(document) + "\n")
         json_out.flush()

@@ -40,7 +40,7 @@ from exports import export_checkpoint, generated_images, store_exports, validati
 from models import prepare_ultralytics
 from predict import fetch_checkpoint
 from storage import Storage
-from utils import EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, exit_now, setup_logging
+from utils import EXIT_OK, BadInput, Redactor, exit_now, failure_code, setup_logging
 
 LOGGER = logging.getLogger("trainer.export")
 
@@ -114,12 +114,8 @@ def main() -> int:
                     "failed": {e.format: e.error for e in exports if e.error is not None}}
         if not document["exported"]:
             raise BadInput("no format could be exported: " + "; ".join(f"{k}: {v}" for k, v in document["failed"].items()))
-    except TrainerError as e:
-        LOGGER.error("export failed (exit %d): %s", e.exit_code, redact(e))
-        return e.exit_code
     except Exception as e:
-        LOGGER.error("export failed: %s", redact(f"{type(e).__name__}: {e}"), exc_info=True)
-        return EXIT_ERROR
+        return failure_code(LOGGER, "export", e, redact)
     else:
         json_out.write(json.dumps(document) + "\n")
         json_out.flush()

@@ -44,7 +44,7 @@ from jsonlog import json_logging
 from models import default_device, prepare_ultralytics
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
-from utils import (EXIT_ERROR, EXIT_OK, BadInput, Redactor, TrainerError, TransientError, available_cpus, exit_now,
+from utils import (EXIT_OK, BadInput, Redactor, TransientError, available_cpus, exit_now, failure_code,
                    setup_logging)
 
 LOGGER = logging.getLogger("trainer.predict")
@@ -377,12 +377,8 @@ def main() -> int:
             extra["output_uri"] = storage.uri(storage.locate(settings.predict_output_uri))
             LOGGER.info("predictions saved to %s",
                         save_document(storage, spool, settings, extra, shard.document_name()))
-    except TrainerError as e:
-        LOGGER.error("prediction failed (exit %d): %s", e.exit_code, redact(e))
-        return e.exit_code
     except Exception as e:
-        LOGGER.error("prediction failed: %s", redact(f"{type(e).__name__}: {e}"), exc_info=True)
-        return EXIT_ERROR
+        return failure_code(LOGGER, "prediction", e, redact)
     else:
         write_document(spool, json_out, extra)
         json_out.flush()

@@ -180,6 +180,16 @@ def within(seconds: float, step, *args) -> None:
         LOGGER.warning("%s did not finish within %.0f s; going on", getattr(step, "__name__", "step"), seconds)
 
 
+def failure_code(logger: logging.Logger, what: str, error: Exception, redact: "Redactor") -> int:
+    """Log why an entry point's work failed and return the exit code for it: a TrainerError says why
+    in a line (its own code); anything else is unexpected, logged with its traceback (EXIT_ERROR)."""
+    if isinstance(error, TrainerError):
+        logger.error("%s failed (exit %d): %s", what, error.exit_code, redact(error))
+        return error.exit_code
+    logger.error("%s failed: %s", what, redact(f"{type(error).__name__}: {error}"), exc_info=error)
+    return EXIT_ERROR
+
+
 def exit_now(code: int) -> None:
     """End the process with `code` as soon as its work and output are out, skipping the interpreter's
     teardown (unloading torch and the rest: 2-4 s measured, see docs/performance.md, in which a pod

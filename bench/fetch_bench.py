@@ -49,7 +49,6 @@ import platform
 import random
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -64,6 +63,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import free_port  # noqa: E402
+
 BUCKET = "bench-fetch"
 ACCESS_KEY, SECRET_KEY = "bench-access", "bench-secret"
 DATA_YAML = b"path: .\ntrain: images/train\nval: images/val\nnames:\n  0: rectangle\n  1: ellipse\n"
@@ -72,12 +73,6 @@ SIDES = ("s5cmd", "trainer", "boto3")
 
 def interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def s5cmd_binary() -> str:

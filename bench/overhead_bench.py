@@ -43,7 +43,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -59,6 +58,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tests.conftest import free_port  # noqa: E402
 from tests.sample_data import make_dataset, make_zip  # noqa: E402
 
 BUCKET = "bench-overhead"
@@ -88,12 +88,6 @@ MILESTONES = [
 
 def interrupted(signum, frame) -> None:
     raise KeyboardInterrupt
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_for(check, timeout: float, what: str) -> None:
