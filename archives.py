@@ -35,7 +35,8 @@ def archive_kind(name: str) -> str | None:
     return next((s for s in ARCHIVE_SUFFIXES if lower.endswith(s)), None)
 
 
-def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_files: int = 10**8) -> Path:
+def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_files: int = 10**8,
+                    landed=None) -> Path:
     """Extract a zip or tar archive into dest, treating every entry as hostile.
 
     Every entry is checked before anything is written: a path that would land outside dest
@@ -47,6 +48,9 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     devices and other special entries are skipped with a warning. While writing, the real byte
     count is enforced too, so an archive whose headers understate its size (a zip bomb) stops at
     the cap; an entry that still fails to be written is a bad-input error naming it.
+
+    `landed` (a zipstream.Landed) is for a zip still downloading: each entry is written once its
+    bytes have landed; the central directory must be there already.
     """
     import gzip
     import lzma
@@ -72,7 +76,7 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
                             target.mkdir(parents=True, exist_ok=True)
                     else:
                         LOGGER.warning("skipping %s in %s: a %s", name, archive.name, kind)
-                _extract_zip_files(zf, archive, files, budget)
+                _extract_zip_files(zf, archive, files, budget, landed)
         elif tarfile.is_tarfile(archive):
             with tarfile.open(archive) as tf:
                 members = _tar_members(tf, archive, max_files)  # every header, before anything is written
@@ -98,29 +102,109 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     return dest
 
 
-EXTRACT_THREADS = 4  # zip entries written at once: inflating and writing release the GIL
+EXTRACT_THREADS = min(4, os.cpu_count() or 1)  # zip entries written at once: inflating and writing release the GIL
+
+DIRECT_MAX = 64 * 1024 * 1024  # entries up to this size are inflated in one call from the mapped archive
 
 
-def _extract_zip_files(zf: zipfile.ZipFile, archive: Path, files: list, budget: _Budget) -> None:
+def _extract_zip_files(zf: zipfile.ZipFile, archive: Path, files: list, budget: _Budget, landed=None) -> None:
     """Write the zip's files from EXTRACT_THREADS threads (a dataset is thousands of small files: one
-    thread waits on each file's creation in turn). One ZipFile serves them all: it reads members
-    under its own lock. The first failure stops the rest and is raised."""
+    thread waits on each file's creation in turn), each as soon as its bytes have landed when the
+    zip is still downloading. The first failure stops the rest and is raised.
+
+    Stored and deflated entries up to DIRECT_MAX are read straight from the archive mapped in memory
+    and inflated in one call, their CRC checked (`_inflate`): a quarter less CPU than zipfile's
+    streamed reader, whose per-entry objects and 1 MB reads cost more than inflating a 40 KB image.
+    Larger entries, and the other methods, go through one ZipFile, which reads under its own lock.
+    """
+    import mmap
     from concurrent.futures import ThreadPoolExecutor
 
     def extract(item) -> None:
         info, name, target = item
-        with _writing(archive, name), zf.open(info) as src:
-            budget.copy(src, target)
+        with _writing(archive, name):
+            if view is not None and info.compress_type in _DIRECT and info.file_size <= DIRECT_MAX:
+                budget.write(_inflate(view, info), target)
+            else:
+                with zf.open(info) as src:
+                    budget.copy(src, target)
 
+    items = files
+    if landed is not None:
+        span = _entry_spans([i.header_offset for i in zf.infolist()], getattr(zf, "start_dir", None))
+        items = landed.as_they_land(files, [span(info.header_offset) for info, _, _ in files])
+    with open(archive, "rb") as f:
+        mapped = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if os.path.getsize(archive) else None
+    view = memoryview(mapped) if mapped is not None else None
     pool = ThreadPoolExecutor(EXTRACT_THREADS, thread_name_prefix="extract")
+    failed = threading.Event()
     try:
-        for future in [pool.submit(extract, item) for item in files]:
+        futures = []
+        for item in items:
+            if failed.is_set():
+                break
+            futures.append(pool.submit(extract, item))
+            futures[-1].add_done_callback(lambda f: f.cancelled() or f.exception() is None or failed.set())
+        for future in futures:
             future.result()
     except BaseException:
         budget.stop()  # entries being written end at their next chunk; queued ones never start
         pool.shutdown(wait=True, cancel_futures=True)
         raise
-    pool.shutdown(wait=True)
+    finally:
+        pool.shutdown(wait=True)
+        if mapped is not None:
+            with contextlib.suppress(BufferError):  # a slice still held by a traceback: closed when freed
+                view.release()
+                mapped.close()
+
+
+def _entry_spans(offsets: list[int], directory: int | None):
+    """For each zip entry, by where it starts: the bytes it may use, up to the next entry's start (the
+    central directory's for the last one)."""
+    import bisect
+
+    starts = sorted(set(offsets) | ({directory} if directory is not None else set()))
+
+    def span(offset: int) -> tuple[int, int]:
+        i = bisect.bisect_right(starts, offset)
+        return offset, starts[i] if i < len(starts) else (directory or offset)
+
+    return span
+
+
+_DIRECT = {zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED}
+
+
+def _inflate(view: memoryview, info: zipfile.ZipInfo) -> bytes:
+    """An entry's content, read from the mapped archive at its local header and checked: its CRC, and
+    no more bytes than its header declares (a zip bomb's understated size stops there).
+
+    Raises zipfile.BadZipFile or zlib.error for a damaged or truncated archive.
+    """
+    import struct
+
+    offset = info.header_offset
+    header = view[offset:offset + 30]
+    if len(header) < 30 or header[:4] != b"PK\x03\x04":
+        raise zipfile.BadZipFile(f"bad local header for {_short(info.filename)}")
+    name_length, extra_length = struct.unpack_from("<HH", header, 26)
+    start = offset + 30 + name_length + extra_length
+    raw = view[start:start + info.compress_size]
+    if len(raw) < info.compress_size:
+        raise zipfile.BadZipFile(f"{_short(info.filename)} is truncated")
+    if info.compress_type == zipfile.ZIP_STORED:
+        data = raw
+    else:
+        inflater = zlib.decompressobj(-15)
+        data = inflater.decompress(raw, info.file_size + 1)
+        if len(data) > info.file_size:
+            raise zipfile.BadZipFile(f"{_short(info.filename)} holds more than its header declares")
+        if not inflater.eof:
+            raise zipfile.BadZipFile(f"{_short(info.filename)} is truncated or damaged")
+    if len(data) != info.file_size or zlib.crc32(data) != info.CRC:
+        raise zipfile.BadZipFile(f"bad CRC-32 or size for {_short(info.filename)}")
+    return data
 
 
 def _zip_kind(info: zipfile.ZipInfo) -> str:
@@ -266,20 +350,37 @@ class _Budget:
         """Another entry failed: end the others at their next chunk."""
         self._stopped = True
 
-    def copy(self, src, target: Path) -> None:
+    def _folder(self, target: Path) -> None:
         if target.parent not in self._made:
             target.parent.mkdir(parents=True, exist_ok=True)
             self._made.add(target.parent)
+
+    def _take(self, size: int) -> None:
+        with self._lock:
+            self.left -= size
+            over = self.left < 0
+        if over:
+            raise BadInput(f"{self.archive.name} expands beyond DATASET_MAX_BYTES (its headers understate its size)")
+        if self._stopped:
+            raise _Stopped()
+
+    def write(self, data, target: Path) -> None:
+        """Write a whole entry held in memory."""
+        self._take(len(data))
+        self._folder(target)
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+    def copy(self, src, target: Path) -> None:
+        self._folder(target)
         with open(target, "wb") as out:
             while chunk := src.read(1 << 20):
-                with self._lock:
-                    self.left -= len(chunk)
-                    over = self.left < 0
-                if over:
-                    raise BadInput(f"{self.archive.name} expands beyond DATASET_MAX_BYTES "
-                                   "(its headers understate its size)")
-                if self._stopped:
-                    raise _Stopped()
+                self._take(len(chunk))
                 out.write(chunk)
 
 

@@ -25,6 +25,7 @@ from archives import archive_kind, extract_archive, safe_target
 from config import Settings, job_dir
 from storage import Location, Storage, StorageNotFound
 from utils import BadInput, human_size
+from zipstream import Landed, extract_while_downloading
 
 LOGGER = logging.getLogger("trainer")
 
@@ -229,9 +230,13 @@ def download_dataset(storage: Storage, settings: Settings) -> tuple[Path, Path]:
 
         def fill() -> None:
             archive = cache.download_dir(settings) / (folder.name + archive_kind(loc.key))
-            storage.download(loc, archive, info)
             try:
-                _extract_into(archive, folder, settings)
+                if archive_kind(loc.key) == ".zip" and storage.settings.type != "local" and info.size >= storage.STREAM_BELOW:
+                    extract_while_downloading(storage, loc, info, archive,
+                                              lambda landed: _extract_into(archive, folder, settings, landed))
+                else:
+                    storage.download(loc, archive, info)
+                    _extract_into(archive, folder, settings)
             finally:
                 archive.unlink(missing_ok=True)
 
@@ -291,16 +296,19 @@ def _extract_cached(archive: Path, settings: Settings, version: str) -> Path:
     return folder
 
 
-def _extract_into(archive: Path, folder: Path, settings: Settings) -> None:
-    """Extract next to folder, then rename: a half-extracted dataset never looks complete.
+def _extract_into(archive: Path, folder: Path, settings: Settings, landed: Landed | None = None) -> None:
+    """Extract next to folder, then rename: a half-extracted dataset never looks complete. With
+    `landed`, the archive is still downloading: the rename waits until it is there and verified.
 
     Called under the entry's fill lock (cache.provide), so no other job extracts the same folder.
     """
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        LOGGER.info("extracting %s", archive.name)
-        extract_archive(archive, tmp, settings.dataset_max_bytes, settings.dataset_max_files)
+        LOGGER.info("extracting %s%s", archive.name, " as it downloads" if landed else "")
+        extract_archive(archive, tmp, settings.dataset_max_bytes, settings.dataset_max_files, landed)
+        if landed is not None:
+            landed.wait()
         os.replace(tmp, folder)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -251,6 +251,33 @@ class Storage:
         return TransferConfig(multipart_threshold=cls.STREAM_BELOW, multipart_chunksize=part,
                               max_concurrency=cls.THREADS)
 
+    def read_range(self, loc: Location, start: int, end: int, etag: str) -> bytes:
+        """Bytes [start, end) of the object whose ETag is `etag` (a changed object fails, as transient)."""
+        with self._errors("download", loc):
+            response = self._s3.get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={start}-{end - 1}",
+                                           IfMatch=f'"{etag}"')
+            return response["Body"].read()
+
+    def download_into(self, loc: Location, info: ObjectInfo, file, path: Path) -> None:
+        """Download the object whose ETag is info.etag into `file`, an open seekable file that is `path`,
+        in parts written at their offsets (what they are written through sees each one land); then
+        verify path's size and digest as `download` does. Raises TransientError if they do not match."""
+        from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
+        from s3transfer.subscribers import BaseSubscriber
+
+        class Known(BaseSubscriber):  # the HEAD's answers: no second HEAD, and every part asks If-Match it
+            def on_queued(self, future, **kwargs) -> None:
+                future.meta.provide_transfer_size(info.size)
+                future.meta.provide_object_etag(f'"{info.etag}"')
+
+        progress = ProgressCallbackInvoker(self._progress("downloading", loc, info.size))
+        with self._errors("download", loc), create_transfer_manager(self._s3, self._parts(info.size)) as manager:
+            manager.download(loc.bucket, loc.key, file, subscribers=[Known(), progress]).result()
+        got = path.stat().st_size
+        problem = f"{got} of {info.size} bytes" if got != info.size else self._mismatch(path, info, None)[0]
+        if problem:
+            raise TransientError(f"download of {self.uri(loc)} does not match: {problem}")
+
     def _get_streamed(self, loc: Location, part: Path, algorithm: str | None) -> str | None:
         """One GET streamed to disk, hashed on the way: for small objects, half the requests of boto3's
         managed download (which asks for the size first) and no second pass over the file."""
@@ -417,8 +444,10 @@ class Storage:
     @contextlib.contextmanager
     def _errors(self, action: str, loc: Location):
         """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
-        from boto3.exceptions import S3UploadFailedError
+        from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
         from botocore.exceptions import BotoCoreError, ClientError, SSLError
+        from s3transfer.exceptions import RetriesExceededError as PartRetriesExceeded
+        from s3transfer.exceptions import S3DownloadFailedError
 
         try:
             yield
@@ -452,6 +481,9 @@ class Storage:
                                  f"{self.uri(loc)}: {e}") from None
         except BotoCoreError as e:
             raise TransientError(f"storage unreachable while trying to {action} {self.uri(loc)}: {e}") from None
+        except (S3DownloadFailedError, RetriesExceededError, PartRetriesExceeded, S3TransferFailedError) as e:
+            # boto3's transfers: a part that failed every retry, an object that changed while downloading
+            raise TransientError(f"storage failed to {action} {self.uri(loc)}: {e}") from None
 
 
 def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:

@@ -364,3 +364,53 @@ def test_segment_labels_of_four_points_pass_the_check():
 
     assert _label_problem(QUADRILATERAL.split(), "segment", classes=2, kpt=None) is None
     assert _label_problem(RECTANGLE.split(), "obb", classes=2, kpt=None) is None
+
+
+def _zip_of(path: Path, entries: dict[str, bytes], method: int = zipfile.ZIP_DEFLATED) -> Path:
+    with zipfile.ZipFile(path, "w", method) as zf:
+        for name, data in entries.items():
+            zf.writestr(name, data)
+    return path
+
+
+@pytest.mark.parametrize("method", [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED])
+def test_zip_entry_whose_bytes_were_damaged_is_corrupt(method, tmp_path):
+    content = os.urandom(5000)  # incompressible: a deflated entry holds these bytes nearly as they are
+    archive = _zip_of(tmp_path / "d.zip", {"a.txt": b"fine", "images/x.jpg": content}, method)
+    data = bytearray(archive.read_bytes())
+    at = data.index(content[1000:1100]) + 50
+    data[at] ^= 0xFF
+    archive.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match=r"d.zip is corrupt or truncated: .*images/x\.jpg"):
+        extract_archive(archive, tmp_path / "x")
+
+
+def test_zip_entry_larger_than_its_header_declares_is_refused(tmp_path):
+    """A zip bomb's trick: the central directory understates an entry. Extraction stops at the
+    declared size instead of writing what the data inflates to."""
+    import struct
+
+    archive = _zip_of(tmp_path / "bomb.zip", {"zeros.bin": bytes(1 << 20)})
+    data = bytearray(archive.read_bytes())
+    central = data.index(b"PK\x01\x02")
+    struct.pack_into("<I", data, central + 24, 1000)  # uncompressed size: 1000 bytes instead of 1 MB
+    archive.write_bytes(bytes(data))
+    with pytest.raises(BadInput, match="bomb.zip is corrupt or truncated: 'zeros.bin' holds more than its header"):
+        extract_archive(archive, tmp_path / "x")
+    assert not (tmp_path / "x" / "zeros.bin").exists()
+
+
+def test_every_zip_method_and_size_extracts_the_same_bytes(tmp_path, monkeypatch):
+    """Small stored and deflated entries are inflated from the mapped archive; larger ones, and
+    bzip2 and LZMA, through zipfile's reader: all must give the archive's bytes."""
+    import archives
+
+    monkeypatch.setattr(archives, "DIRECT_MAX", 3000)  # so that some entries take the streamed way
+    entries = {f"d{i % 3}/f{i}.bin": os.urandom(i * 97) + b"y" * (i * 50) for i in range(60)}
+    archive = tmp_path / "mixed.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        methods = [zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED, zipfile.ZIP_BZIP2, zipfile.ZIP_LZMA]
+        for i, (name, data) in enumerate(entries.items()):
+            zf.writestr(name, data, compress_type=methods[i % 4])
+    out = extract_archive(archive, tmp_path / "x")
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == entries
