@@ -2,8 +2,9 @@
 one run per job, found again by its `job_id` tag when the job starts again, with the training
 arguments as parameters, every epoch's numbers at step = epoch, and the outputs as artifacts.
 
-Parameters and numbers go to the server from one background thread, in order, so the training
-thread never waits on it; ending the run first waits (bounded) for what is queued.
+MLflow is imported and the run looked up on a helper thread while the dataset downloads
+(`prepare`); parameters and numbers go to the server from one background thread, in order, so
+the training thread never waits on it; ending the run first waits (bounded) for what is queued.
 Any tracking failure logs one warning and switches tracking off; the run is still ended.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
@@ -47,6 +48,8 @@ class Tracker:
         self.experiment_id: str | None = None
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
+        self._preparing: threading.Thread | None = None  # the lookup `prepare` started
+        self._prepared = None  # what it found, or the error it met
         self._init_queue()
 
     def _init_queue(self) -> None:
@@ -56,10 +59,11 @@ class Tracker:
 
     def __getstate__(self) -> dict:
         # a DDP worker makes its own client (and queue) for the same run
-        return {k: v for k, v in self.__dict__.items() if k not in ("_client", "_jobs", "_cond", "_worker")}
+        return {k: v for k, v in self.__dict__.items()
+                if k not in ("_client", "_jobs", "_cond", "_worker", "_preparing", "_prepared")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _client=None)
+        self.__dict__.update(state, _client=None, _preparing=None, _prepared=None)
         self._init_queue()
 
     @property
@@ -70,7 +74,16 @@ class Tracker:
             self._client = MlflowClient(self.settings.mlflow_tracking_uri)
         return self._client
 
-    def start(self) -> None:
+    def prepare(self) -> None:
+        """Import MLflow and look up the job's experiment and run on a helper thread, while the job
+        downloads its dataset (network waits, mostly outside the GIL): importing MLflow alone takes
+        about 2 s. `start` then only makes or continues the run. Nothing is created for a job that
+        fails before it starts (a bad dataset), apart from the experiment."""
+        self._configure()
+        self._preparing = threading.Thread(target=self._prepare, name="mlflow-prepare", daemon=True)
+        self._preparing.start()
+
+    def _configure(self) -> None:
         # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) would stall a job for
         # minutes on a dead server.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
@@ -83,16 +96,37 @@ class Tracker:
             os.environ.setdefault("MLFLOW_TRACKING_INSECURE_TLS", "true")
         elif isinstance(verify, str):
             os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", verify)
+
+    def _prepare(self) -> None:
+        """The experiment (made if new) and the job's run if it has one: (experiment id, run or None)."""
         try:
             s = self.settings
             experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
-            self.experiment_id = (experiment.experiment_id if experiment else
-                                  self.client.create_experiment(s.mlflow_experiment, artifact_location(s)))
-            runs = self.client.search_runs([self.experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
+            experiment_id = (experiment.experiment_id if experiment else
+                             self.client.create_experiment(s.mlflow_experiment, artifact_location(s)))
+            runs = self.client.search_runs([experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
                                            order_by=["attributes.start_time DESC"])
-            if runs:
-                self.run_id = runs[0].info.run_id
-                self._params = set(runs[0].data.params)
+            self._prepared = (experiment_id, runs[0] if runs else None)
+        except Exception as e:
+            self._prepared = e
+
+    def start(self) -> None:
+        """Make the job's run, or continue the one a previous start of the job made."""
+        if self._preparing is None:
+            self._configure()
+            self._prepare()
+        else:
+            self._preparing.join()
+            self._preparing = None
+        prepared, self._prepared = self._prepared, None
+        try:
+            if isinstance(prepared, Exception):
+                raise prepared
+            s = self.settings
+            self.experiment_id, found = prepared
+            if found:
+                self.run_id = found.info.run_id
+                self._params = set(found.data.params)
                 self.client.update_run(self.run_id, status="RUNNING")
                 LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
             else:

@@ -85,6 +85,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         backend.status("completed", 100, **run.finished)
         return
     stop.check()
+    tracker.prepare()  # MLflow's import and lookups overlap the dataset's download
     data, reporter.dataset_root = download_dataset(storage, settings)
     stop.check()
     weights = str(run.resume_from) if run.resume_from else resolve_model(storage, settings)
