@@ -38,7 +38,13 @@ from dataset_check import check_dataset_or_fail
 from datasets import download_dataset
 from evaluation import evaluate_after_training
 from exports import export_after_training
-from models import default_device, prepare_ultralytics, resolve_model, resolve_task, ultralytics_arg_problems
+from models import (
+    default_device,
+    prepare_ultralytics,
+    resolve_model,
+    resolve_task,
+    ultralytics_arg_problems,
+)
 from registry import log_trained_model
 from reporting import EpochReporter, StopSignal, checkpoint_problem
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
