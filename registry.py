@@ -76,19 +76,30 @@ def log_pyfunc_model(settings: Settings, run_id: str, weights: Path, task: str):
 
 @contextlib.contextmanager
 def quiet_mlflow_warnings():
-    """MLflow warns, from inside its own warning filters, that YoloPyfunc.predict's list[Any] input is not
-    validated (on purpose: anything image-like is welcome); keep that line out of the job's log."""
+    """Keep two expected MLflow warnings out of the job's log (a clean job logs no warning):
+    - that YoloPyfunc.predict's list[Any] input is not validated (on purpose: anything image-like
+      is welcome), which MLflow issues from inside its own warning filters;
+    - that the model's config could not be logged as run parameters: MLflow logs it there, and its
+      `batch` (predict.py's batch) differs from the training `batch` already logged, which MLflow
+      refuses to change. The config stays in the logged model's MLmodel file, where
+      `mlflow.pyfunc.load_model` reads it."""
     show = warnings.showwarning
 
     def filtered(message, *args, **kwargs):
         if "Any type hint" not in str(message):
             show(message, *args, **kwargs)
 
+    def expected(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("Failed to log model config as params")
+
+    model_logger = logging.getLogger("mlflow.models.model")
     warnings.showwarning = filtered
+    model_logger.addFilter(expected)
     try:
         yield
     finally:
         warnings.showwarning = show
+        model_logger.removeFilter(expected)
 
 
 def signature():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -286,3 +287,26 @@ def test_a_stop_at_a_transfers_safe_point_ends_it_as_a_stop_not_a_storage_failur
     with pytest.raises(Cancelled):
         storage.upload(src, storage.locate("again.bin"))
     assert calls and not list((tmp_path / "out").glob("*"))  # no partial file left behind
+
+
+def test_server_side_copy_is_one_request_of_the_version_looked_up(proxied, s3, bucket):
+    """A checkpoint's best.pt copy: one CopyObject (conditional on the source's ETag), not boto3's
+    managed copy (HEAD, then a multipart copy: seven requests for 25 MB)."""
+    storage, count = proxied("md5")
+    data = os.urandom(9 * 1024 * 1024)  # over boto3's 8 MB multipart threshold
+    s3.put_object(Bucket=bucket, Key="c/last.pt", Body=data)
+    storage.copy(storage.locate("c/last.pt"), storage.locate("c/best.pt"))
+    assert s3.get_object(Bucket=bucket, Key="c/best.pt")["Body"].read() == data
+    assert count("PUT", "c/best.pt") == 1 and count("POST", "c/best.pt") == 0
+
+
+def test_copy_asks_for_the_version_it_looked_up(storage, s3, bucket):
+    """The copy is conditional on the source's ETag (`x-amz-copy-source-if-match`): S3, MinIO and R2
+    refuse it (412, transient) if the source was replaced after its HEAD. moto does not enforce the
+    condition, so the test reads the header from the request boto3 sends."""
+    s3.put_object(Bucket=bucket, Key="c/src.pt", Body=b"old" * 100)
+    sent = []
+    storage._s3.meta.events.register("before-send.s3.CopyObject", lambda request, **kw: sent.append(request.headers))
+    storage.copy(storage.locate("c/src.pt"), storage.locate("c/dst.pt"))
+    etag = s3.head_object(Bucket=bucket, Key="c/src.pt")["ETag"]
+    assert len(sent) == 1 and sent[0]["x-amz-copy-source-if-match"] in (etag, etag.encode())

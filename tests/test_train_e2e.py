@@ -36,6 +36,7 @@ def job(s3_server, s3, mlflow_server, dataset_zip, tmp_path_factory):
         "CALLBACK_URL": receiver.url(job_id), "INTERNAL_AUTH_TOKEN": SECRETS[2],
         "MLFLOW_TRACKING_URI": mlflow_server, "MLFLOW_EXPERIMENT_NAME": experiment,
         "WORK_DIR": str(folder / "work"),
+        "PREDICT_BATCH": "8",  # the logged model's batch, unlike the training's 16 (both are MLflow parameters)
         # records any attempt to reach a non-loopback host (tests/netguard/sitecustomize.py)
         "PYTHONPATH": str(ROOT / "tests" / "netguard"), "NETGUARD_LOG": str(folder / "net.log"),
     }
@@ -53,6 +54,13 @@ def test_exits_zero_and_reports_running_then_completed(job):
     assert set(statuses[1:-1]) <= {"running"}
     progress = [b["progress"] for b in job["receiver"].bodies("status")]
     assert progress == sorted(progress) and progress[-1] == 100
+
+
+def test_a_clean_job_logs_no_warning(job):
+    """A warning in a job that went well teaches users to ignore warnings (MLflow's refusal to log
+    the model's config as parameters was one, in every job)."""
+    output = job["result"].stdout + job["result"].stderr
+    assert [line for line in output.splitlines() if "WARNING" in line] == []
 
 
 def test_every_callback_carries_the_auth_header_and_an_event_id(job):
