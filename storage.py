@@ -8,7 +8,7 @@ refused, an untrusted certificate) and transient failures (everything else).
 Environment (through config.StorageSettings): STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*,
 LOCAL_STORAGE_DIR, STORAGE_MAX_ATTEMPTS, STORAGE_TIMEOUT, STORAGE_CHECKSUM, TLS_CA_BUNDLE,
 TLS_VERIFY, PROGRESS_INTERVAL; AWS_* for STORAGE_TYPE=s3.
-Imports: utils, config, progress.
+Imports: utils, config, progress, checksums (the digests a transfer is verified against).
 """
 
 from __future__ import annotations
@@ -16,17 +16,16 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime as dt
-import hashlib
 import logging
 import os
-import re
 import shutil
 import threading
 import time
-import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path, PurePosixPath
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any
 
+from checksums import Digest, etag_digest, file_digest, object_digest
 from config import StorageSettings
 from progress import TransferProgress
 from utils import BadInput, TransientError, human_size
@@ -171,7 +170,7 @@ class Storage:
             self._check_bucket(loc)  # a HEAD cannot tell a missing object from a missing bucket
             return None
         etag = meta.get("ETag", "").strip('"')
-        return ObjectInfo(meta["ContentLength"], etag, _object_digest(meta, etag))
+        return ObjectInfo(meta["ContentLength"], etag, object_digest(meta, etag))
 
     def check_bucket(self, bucket: str | None = None) -> None:
         """The bucket exists and these credentials may use it (`--check`): BadInput if not, TransientError
@@ -447,12 +446,16 @@ class Storage:
                             LOGGER.warning("skipping %s: a folder marker with content", obj["Key"])
                         continue
                     etag = obj.get("ETag", "").strip('"')
-                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, _etag_digest(etag), True)
+                    yield Location(prefix.bucket, obj["Key"]), ObjectInfo(obj["Size"], etag, etag_digest(etag), True)
 
     @contextlib.contextmanager
     def _errors(self, action: str, loc: Location):
         """Turn boto3 errors into BadInput (missing, refused) or TransientError (everything else)."""
-        from boto3.exceptions import RetriesExceededError, S3TransferFailedError, S3UploadFailedError
+        from boto3.exceptions import (
+            RetriesExceededError,
+            S3TransferFailedError,
+            S3UploadFailedError,
+        )
         from botocore.exceptions import BotoCoreError, ClientError, SSLError
         from s3transfer.exceptions import RetriesExceededError as PartRetriesExceeded
         from s3transfer.exceptions import S3DownloadFailedError
@@ -506,58 +509,3 @@ def fetch_file(storage: Storage, ref: str, work_dir: Path) -> Path:
         return local.resolve()
     loc = storage.locate(ref)
     return storage.fetch(loc, work_dir / "weights" / "files" / loc.bucket / loc.key)
-
-
-# Full-object checksums S3 keeps (base64) that Python computes without extra packages, best first.
-# CRC32C and CRC64NVME would need awscrt; a composite (per-part) checksum ends in -<parts>.
-_CHECKSUM_FIELDS = (("ChecksumSHA256", "sha256"), ("ChecksumSHA1", "sha1"), ("ChecksumCRC32", "crc32"))
-
-
-def _object_digest(meta: Mapping[str, Any], etag: str) -> tuple[str, str] | None:
-    """What a transfer of this object is verified against: a full-object checksum the store keeps,
-    else the ETag if it is the content's MD5, else None (size only)."""
-    if meta.get("ChecksumType", "FULL_OBJECT") == "FULL_OBJECT":
-        for field, algorithm in _CHECKSUM_FIELDS:
-            value = meta.get(field)
-            if value and "-" not in value:
-                return algorithm, value
-    if str(meta.get("ServerSideEncryption", "")).startswith("aws:kms") or meta.get("SSECustomerAlgorithm"):
-        return None  # S3's ETag of a KMS or customer-key encrypted object is not the content's MD5
-    return _etag_digest(etag)
-
-
-def _etag_digest(etag: str) -> tuple[str, str] | None:
-    """("md5", etag) where the ETag can be an MD5 (32 hex digits; a multipart ETag has a '-')."""
-    return ("md5", etag) if re.fullmatch(r"[0-9a-f]{32}", etag or "") else None
-
-
-class Digest:
-    """A digest computed as bytes go by, written as S3 writes it: hex for md5 (the ETag), base64
-    for the checksums (sha256, sha1, crc32)."""
-
-    def __init__(self, algorithm: str):
-        self.algorithm = algorithm
-        self._crc, self._hash = 0, None if algorithm == "crc32" else hashlib.new(algorithm, usedforsecurity=False)
-
-    def update(self, chunk: bytes) -> None:
-        if self._hash is None:
-            self._crc = zlib.crc32(chunk, self._crc)
-        else:
-            self._hash.update(chunk)
-
-    def value(self) -> str:
-        import base64
-
-        if self.algorithm == "md5":
-            return self._hash.hexdigest()
-        raw = self._crc.to_bytes(4, "big") if self._hash is None else self._hash.digest()
-        return base64.b64encode(raw).decode()
-
-
-def file_digest(path: Path, algorithm: str) -> str:
-    """A file's digest as S3 writes it (see Digest)."""
-    digest = Digest(algorithm)
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.value()
