@@ -80,6 +80,7 @@ OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded besi
 def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: Tracker, reporter: EpochReporter,
               stop: StopSignal, started: float) -> None:
     """The job's steps, from `running` to `completed` (raises on any failure)."""
+    tracker.prepare()  # MLflow's import and lookups overlap the storage lookups and the dataset's download
     backend.status("running", 0, started_at=now_iso())
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
     prepare_ultralytics(settings.work_dir)
@@ -91,7 +92,6 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         backend.status("completed", 100, **run.finished)
         return
     stop.check()
-    tracker.prepare()  # MLflow's import and lookups overlap the dataset's download
     data, reporter.dataset_root = download_dataset(storage, settings)
     stop.check()
     weights = str(run.resume_from) if run.resume_from else resolve_model(storage, settings)
