@@ -58,14 +58,15 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
     root = dest.resolve()
     try:
         if zipfile.is_zipfile(archive):
-            with zipfile.ZipFile(archive) as zf:
+            with _open_zip(archive, unbuffered=landed is not None) as zf:
                 infos = zf.infolist()
                 if len(infos) > max_files:
                     raise BadInput(f"{archive.name} holds {len(infos)} entries (files and folders), more than "
                                    f"DATASET_MAX_FILES={max_files}")
                 entries = [(info, info.filename, safe_target(root, info.filename), _zip_kind(info)) for info in infos]
                 _check_entries(archive, root, entries)
-                _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"], max_bytes)
+                _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"], max_bytes,
+                            reserve=landed.size if landed else 0)  # the archive lands beside it
                 budget = _Budget(archive, max_bytes)
                 files = []
                 for info, name, target, kind in entries:
@@ -100,6 +101,18 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
         raise BadInput(f"{archive.name} is corrupt or truncated: {e}") from None
     dest.mkdir(parents=True, exist_ok=True)
     return dest
+
+
+@contextlib.contextmanager
+def _open_zip(archive: Path, unbuffered: bool):
+    """A ZipFile; unbuffered for an archive still downloading, so that no read-ahead keeps the bytes
+    a region held before they landed."""
+    if not unbuffered:
+        with zipfile.ZipFile(archive) as zf:
+            yield zf
+        return
+    with open(archive, "rb", buffering=0) as raw, zipfile.ZipFile(raw) as zf:
+        yield zf
 
 
 EXTRACT_THREADS = min(4, os.cpu_count() or 1)  # zip entries written at once: inflating and writing release the GIL
@@ -325,15 +338,22 @@ def _writing(archive: Path, name: str):
         raise BadInput(f"{archive.name}: entry {_short(name)} cannot be extracted: {e}") from None
 
 
-def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int) -> None:
+def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int, reserve: int = 0) -> None:
+    """The declared total within DATASET_MAX_BYTES, and on the disk with `reserve` bytes more (an
+    archive still downloading beside the extraction)."""
     total = sum(sizes)
     if total > max_bytes:
         raise BadInput(f"{archive.name} expands to {human_size(total)}, more than DATASET_MAX_BYTES={max_bytes}")
     dest.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(dest).free
-    if total > free:
-        raise TransientError(f"{archive.name} expands to {human_size(total)} but only {human_size(free)} "
-                             f"is free in {dest.parent}")
+    if total + reserve > free:
+        also = f" (and the archive itself, {human_size(reserve)}, is still downloading)" if reserve else ""
+        raise NotEnoughDisk(f"{archive.name} expands to {human_size(total)}{also} but only {human_size(free)} "
+                            f"is free in {dest.parent}")
+
+
+class NotEnoughDisk(TransientError):
+    """The dataset does not fit on the disk (another node, or a larger volume, may do)."""
 
 
 class _Budget:

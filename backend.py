@@ -61,8 +61,9 @@ class Backend:
     - Order: `status` events, `validation-results`, `training-metrics` and the `metrics` of one
       name are each delivered in order, one at a time; different routes and names (and log
       messages, which carry their timestamp) go out in parallel on SENDERS (12) threads, so a slow
-      backend does not build a backlog. The final status waits for every status and validation
-      result before it (metrics and logs still queued may arrive after it).
+      backend does not build a backlog. The final status waits for every status before it, and for
+      the validation results before it unless one has failed an attempt (a failing route must not
+      hold the job's end back); metrics and logs still queued may arrive after it.
     - Chained: the answer to `validation-results` carries `validation_result_id`; the epoch's
       per-image results then go to `validation-image-results` in arrays of IMAGE_BATCH.
     - Retries: connection errors, timeouts, 408/425/429/5xx, with exponential backoff and full
@@ -272,8 +273,10 @@ class Backend:
         blocked = set(self._inflight)
         wait = math.inf
         for i, e in enumerate(self._queue):
-            if e.barrier:  # the final status goes after every earlier status, and nothing else
-                if e.sending or any(x.route == "status" for x in self._queue[:i]):
+            if e.barrier:  # the final status: after every earlier status, and after earlier validation
+                # results still on their first attempt; one that failed (a failing route) does not hold it
+                if e.sending or any(x.route == "status" or (x.critical and x.attempts - x.sending == 0)
+                                    for x in self._queue[:i]):  # (an attempt counts from its start)
                     return wait
                 if e.not_before <= now:
                     return e

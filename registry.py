@@ -89,8 +89,10 @@ def quiet_mlflow_warnings():
         if "Any type hint" not in str(message):
             show(message, *args, **kwargs)
 
-    def expected(record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("Failed to log model config as params")
+    def expected(record: logging.LogRecord) -> bool:  # that refusal only, not a server that failed
+        message = record.getMessage()
+        return not (message.startswith("Failed to log model config as params") and "Changing param values" in message
+                    and "'key': 'batch'" in message)
 
     model_logger = logging.getLogger("mlflow.models.model")
     warnings.showwarning = filtered

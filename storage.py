@@ -94,6 +94,14 @@ class StorageNotFound(BadInput):
     """The object or prefix does not exist."""
 
 
+class DigestMismatch(TransientError):
+    """A transfer's bytes do not match the object's digest; `got` is the digest they have."""
+
+    def __init__(self, message: str, got: str | None):
+        super().__init__(message)
+        self.got = got
+
+
 class Storage:
     """One client for the job's bucket: MinIO, R2, S3 through boto3, or a local folder."""
 
@@ -193,7 +201,8 @@ class Storage:
             raise BadInput(f"bucket {loc.bucket} does not exist (check STORAGE_BUCKET and the URIs)") from None
         self._buckets_seen.add(loc.bucket)
 
-    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False) -> Path:
+    def download(self, loc: Location, dest: Path, info: ObjectInfo | None = None, quiet: bool = False,
+                 previous: str | None = None) -> Path:
         """Download to dest atomically: a .part file, renamed once its size and digest are verified.
 
         The digest is the store's full-object checksum (SHA-256, SHA-1, CRC32) where it keeps one,
@@ -209,7 +218,7 @@ class Storage:
         part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
         log = LOGGER.debug if quiet else LOGGER.info
         log("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
-        start, previous = time.monotonic(), None
+        start = time.monotonic()  # previous: the digest an earlier transfer of it gave (see _mismatch)
         try:
             for attempt in (1, 2):
                 streamed = None  # the digest computed while the bytes came in, if they came in order
@@ -252,16 +261,26 @@ class Storage:
                               max_concurrency=cls.THREADS)
 
     def read_range(self, loc: Location, start: int, end: int, etag: str) -> bytes:
-        """Bytes [start, end) of the object whose ETag is `etag` (a changed object fails, as transient)."""
+        """Bytes [start, end) of the object whose ETag is `etag` (a changed object fails, as transient).
+        A store that answers with other bytes (a gateway that ignores Range) is a TransientError,
+        found before its body is read."""
         with self._errors("download", loc):
             response = self._s3.get_object(Bucket=loc.bucket, Key=loc.key, Range=f"bytes={start}-{end - 1}",
                                            IfMatch=f'"{etag}"')
-            return response["Body"].read()
+            if response.get("ContentLength") != end - start:
+                response["Body"].close()
+                raise TransientError(f"{self.uri(loc)}: asked for {end - start} bytes at {start}, the store "
+                                     f"answers {response.get('ContentLength')}")
+            data = response["Body"].read()
+        if len(data) != end - start:
+            raise TransientError(f"{self.uri(loc)}: a range of {end - start} bytes came {len(data)} bytes long")
+        return data
 
     def download_into(self, loc: Location, info: ObjectInfo, file, path: Path) -> None:
         """Download the object whose ETag is info.etag into `file`, an open seekable file that is `path`,
-        in parts written at their offsets (what they are written through sees each one land); then
-        verify path's size and digest as `download` does. Raises TransientError if they do not match."""
+        in parts written at their offsets (what they are written through sees each one land; the
+        caller checks they cover the object); then verify path's digest as `download` does.
+        Raises DigestMismatch if it does not match."""
         from boto3.s3.transfer import ProgressCallbackInvoker, create_transfer_manager
         from s3transfer.subscribers import BaseSubscriber
 
@@ -273,10 +292,9 @@ class Storage:
         progress = ProgressCallbackInvoker(self._progress("downloading", loc, info.size))
         with self._errors("download", loc), create_transfer_manager(self._s3, self._parts(info.size)) as manager:
             manager.download(loc.bucket, loc.key, file, subscribers=[Known(), progress]).result()
-        got = path.stat().st_size
-        problem = f"{got} of {info.size} bytes" if got != info.size else self._mismatch(path, info, None)[0]
+        problem, got = self._mismatch(path, info, None)
         if problem:
-            raise TransientError(f"download of {self.uri(loc)} does not match: {problem}")
+            raise DigestMismatch(f"download of {self.uri(loc)} does not match: {problem}", got)
 
     def _get_streamed(self, loc: Location, part: Path, algorithm: str | None) -> str | None:
         """One GET streamed to disk, hashed on the way: for small objects, half the requests of boto3's

@@ -118,7 +118,7 @@ class Tracker:
         else:
             self._preparing.join()
             self._preparing = None
-        prepared, self._prepared = self._prepared, None
+        prepared, self._prepared = self._prepared or RuntimeError("the lookup ended without an answer"), None
         try:
             if isinstance(prepared, Exception):
                 raise prepared

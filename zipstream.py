@@ -11,7 +11,7 @@ extracted folder is put in place. Anything unexpected on this path falls back to
 whose result or error is the definitive one: a zip whose end cannot be parsed, or a failed or
 mismatched download, is downloaded again whole, then extracted; an extraction that failed on an
 archive downloaded and verified is run again on it. Only a stop (Cancelled) is raised as it is.
-Imports: utils, storage.
+Imports: utils, storage, archives.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pathlib import Path
 from typing import TypeVar
 
 from storage import Location, ObjectInfo, Storage
-from utils import Cancelled, human_size
+from archives import NotEnoughDisk
+from utils import Cancelled, TransientError, human_size
 
 LOGGER = logging.getLogger("trainer")
 
@@ -38,7 +39,8 @@ TAIL_BYTES = 1 << 20  # first read of the archive's end: the central directory o
 class Landed:
     """The byte ranges of a file written so far (by boto3's writer thread), and what waits on them."""
 
-    def __init__(self):
+    def __init__(self, size: int = 0):
+        self.size = size  # of the whole file, once landed
         self._ranges: list[list[int]] = []  # disjoint [start, end), sorted
         self._cond = threading.Condition()
         self._version = 0
@@ -109,6 +111,7 @@ class LandingFile:
 
     def __init__(self, raw, landed: Landed):
         self._raw, self._landed, self._pos = raw, landed, 0
+        self.written = Landed()  # what the download itself wrote (the file is laid out at full size)
 
     def seekable(self) -> bool:
         return True
@@ -125,6 +128,7 @@ class LandingFile:
         while view:
             view = view[self._raw.write(view):]
         self._pos = start + len(data)
+        self.written.add(start, self._pos)
         self._landed.add(start, self._pos)
         return len(data)
 
@@ -156,11 +160,11 @@ def extract_while_downloading(storage: Storage, loc: Location, info: ObjectInfo,
     `extract(landed)` must extract `archive` into its final place only once `landed.done` without
     error: it is handed the Landed of this download, or None on the plain path.
     """
-    landed = Landed()
+    landed = Landed(info.size)
     try:
         _overlapped(storage, loc, info, archive, extract, landed)
         return
-    except Cancelled:
+    except (Cancelled, NotEnoughDisk):  # a stop; a disk too small for the plain path as well
         raise
     except Exception as e:
         downloaded = landed.done and landed.error is None  # whole and verified: only the extraction failed
@@ -168,7 +172,9 @@ def extract_while_downloading(storage: Storage, loc: Location, info: ObjectInfo,
                        "extracting the downloaded archive" if downloaded else "downloading it whole, then extracting")
     if not downloaded:
         archive.unlink(missing_ok=True)
-        storage.download(loc, archive, info)
+        # a digest that did not match is handed on: a store whose ETags only look like MD5s is then
+        # recognised after one more download, not two
+        storage.download(loc, archive, info, previous=getattr(landed.error, "got", None))
     extract(None)
 
 
@@ -186,12 +192,18 @@ def _overlapped(storage: Storage, loc: Location, info: ObjectInfo, archive: Path
         if start < tail_start:  # a directory larger than the first read
             tail = storage.read_range(loc, start, tail_start, info.etag) + tail
             tail_start = start
-        os.pwrite(raw.fileno(), tail, tail_start)
+        view = memoryview(tail)
+        while view:
+            view = view[os.pwrite(raw.fileno(), view, tail_start + len(tail) - len(view)):]
         landed.add(tail_start, info.size)
 
         def download() -> None:
             try:
-                storage.download_into(loc, info, LandingFile(raw, landed), archive)
+                target = LandingFile(raw, landed)
+                storage.download_into(loc, info, target, archive)
+                if target.written.ranges() != [(0, info.size)]:  # the file was laid out at full size
+                    raise TransientError(f"download of {storage.uri(loc)} is incomplete: it wrote "
+                                         f"{target.written.ranges()[:3]} of {info.size} bytes")
                 landed.finish()
             except BaseException as e:  # handed to the extraction, which raises it
                 landed.finish(e)

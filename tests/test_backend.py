@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
@@ -265,6 +266,35 @@ def test_closing_while_a_request_is_in_flight_counts_it_in_flight_not_lost(recei
     assert crashes == [] and len(receiver.requests("logs")) == 1
 
 
+@contextlib.contextmanager
+def plain_http_port():
+    """A port that answers TLS with plain HTTP, and reads what it is sent first: closing with the
+    client's hello unread would reset the connection, which the client may see before the answer
+    (a ConnectionError instead of the TLS fault this is about)."""
+    import socket
+    import threading
+
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def answer() -> None:
+        conn, _ = server.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n")
+            conn.settimeout(5)
+            with contextlib.suppress(OSError):
+                while conn.recv(65536):  # until the client gives up on the handshake
+                    pass
+
+    worker = threading.Thread(target=answer, daemon=True)
+    worker.start()
+    try:
+        yield server.getsockname()[1]
+    finally:
+        worker.join(10)
+        server.close()
+
+
 def test_only_a_refused_connection_counts_as_refused_and_a_tls_fault_does_not_crash_the_check(receiver):
     """Real failures: a port nobody listens on refuses; TLS spoken to a plain HTTP server is a TLS
     fault (its ssl.SSLError carries a string `reason`, which once crashed the check in a sender thread)."""
@@ -275,11 +305,14 @@ def test_only_a_refused_connection_counts_as_refused_and_a_tls_fault_does_not_cr
     with pytest.raises(requests.ConnectionError) as refused:
         requests.get(f"http://127.0.0.1:{free_port()}/", timeout=5)
     assert _refused(refused.value)
-    with pytest.raises(requests.exceptions.SSLError) as tls:
-        requests.get(receiver.url("1").replace("http://", "https://"), timeout=5)
+    with plain_http_port() as port, pytest.raises(requests.exceptions.SSLError) as tls:
+        requests.get(f"https://127.0.0.1:{port}/", timeout=5)
     assert not _refused(tls.value)
-    with pytest.raises(requests.Timeout) as slow:  # nothing answers in time: a fault, not a refusal
-        requests.get(receiver.url("1") + "/health", timeout=0.000001)
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as silent, pytest.raises(requests.Timeout) as slow:
+        # the kernel accepts the connection, nothing ever answers: a fault, not a refusal
+        requests.get(f"http://127.0.0.1:{silent.getsockname()[1]}/", timeout=0.2)
     assert not _refused(slow.value)
 
 

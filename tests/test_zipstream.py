@@ -185,3 +185,34 @@ def test_storage_module_keeps_the_plain_download_for_small_zips(s3_server, s3, b
     entries = dataset_entries(images=5)
     s3.put_object(Bucket=bucket, Key="datasets/small.zip", Body=zip_bytes(entries))
     assert tree(fetch(s3_server, bucket, "datasets/small.zip", tmp_path)) == entries and not calls
+
+
+def test_a_download_that_left_bytes_unwritten_is_not_taken(s3_server, s3, bucket, small_parts, monkeypatch, tmp_path,
+                                                            caplog):
+    """The file is laid out at full size, so its size proves nothing: what the download wrote must
+    cover it. A transfer that wrote nothing falls back to the plain download."""
+    entries = dataset_entries()
+    s3.put_object(Bucket=bucket, Key="datasets/hole.zip", Body=zip_bytes(entries, zipfile.ZIP_STORED))
+    monkeypatch.setattr(Storage, "download_into", lambda self, loc, info, file, path: None)
+    with caplog.at_level(logging.INFO, logger="trainer"):
+        root = fetch(s3_server, bucket, "datasets/hole.zip", tmp_path)
+    assert "is incomplete: it wrote []" in caplog.text and "downloading it whole" in caplog.text
+    assert tree(root) == entries
+
+
+def test_a_disk_too_small_for_the_archive_and_its_files_fails_at_once(s3_server, s3, bucket, small_parts, monkeypatch,
+                                                                      tmp_path, caplog):
+    """The archive downloads beside its extraction: both must fit. Not enough room is transient and
+    final (the plain path needs the same room), with no second download."""
+    import shutil
+    from collections import namedtuple
+
+    entries = dataset_entries()
+    data = zip_bytes(entries, zipfile.ZIP_STORED)
+    s3.put_object(Bucket=bucket, Key="datasets/big.zip", Body=data)
+    extracted = sum(len(v) for v in entries.values())
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**12, 0, extracted + len(data) // 2))
+    with caplog.at_level(logging.INFO, logger="trainer"), pytest.raises(TransientError, match="still downloading"):
+        fetch(s3_server, bucket, "datasets/big.zip", tmp_path)
+    assert "downloading it whole" not in caplog.text
