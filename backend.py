@@ -51,6 +51,7 @@ class Event:
     refusals: int = 0  # connection attempts refused (ECONNREFUSED): nothing listens at the backend's address
     not_before: float = 0.0
     sending: bool = False  # a sender holds it right now: it cannot be dropped or coalesced
+    queued: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class Backend:
@@ -62,8 +63,9 @@ class Backend:
       name are each delivered in order, one at a time; different routes and names (and log
       messages, which carry their timestamp) go out in parallel on SENDERS (12) threads, so a slow
       backend does not build a backlog. The final status waits for every status before it, and for
-      the validation results before it unless one has failed an attempt (a failing route must not
-      hold the job's end back); metrics and logs still queued may arrive after it.
+      the validation results before it that are on their first attempt, ORDER_GRACE (2 s) at most:
+      a failing route, or a backend that hangs, must not hold the job's end back; metrics and logs
+      still queued may arrive after it.
     - Chained: the answer to `validation-results` carries `validation_result_id`; the epoch's
       per-image results then go to `validation-image-results` in arrays of IMAGE_BATCH.
     - Retries: connection errors, timeouts, 408/425/429/5xx, with exponential backoff and full
@@ -81,6 +83,7 @@ class Backend:
     """
 
     SENDERS = 12
+    ORDER_GRACE = 2.0  # seconds the final status waits for validation results on their first attempt
     MAX_QUEUE = 10_000
     IMAGE_BATCH = 100
     BACKOFF_BASE = 0.5
@@ -274,10 +277,12 @@ class Backend:
         wait = math.inf
         for i, e in enumerate(self._queue):
             if e.barrier:  # the final status: after every earlier status, and after earlier validation
-                # results still on their first attempt; one that failed (a failing route) does not hold it
-                if e.sending or any(x.route == "status" or (x.critical and x.attempts - x.sending == 0)
+                # results still on their first attempt, for ORDER_GRACE at most: one that failed, or a
+                # backend that hangs, does not hold the job's end back
+                first = now - e.queued < self.ORDER_GRACE
+                if e.sending or any(x.route == "status" or (first and x.critical and x.attempts - x.sending <= 0)
                                     for x in self._queue[:i]):  # (an attempt counts from its start)
-                    return wait
+                    return min(wait, max(0.01, self.ORDER_GRACE - (now - e.queued))) if first else wait
                 if e.not_before <= now:
                     return e
                 return min(wait, e.not_before - now)

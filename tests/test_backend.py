@@ -252,6 +252,32 @@ def test_the_final_status_does_not_wait_behind_a_failing_route(receiver_factory,
     assert time.monotonic() - started < 4
 
 
+def test_the_final_status_waits_for_a_validation_result_in_flight_two_seconds_at_most(receiver, tmp_path,
+                                                                                       monkeypatch):
+    """In order when the backend answers (the final status after the last result), but a result whose
+    first attempt hangs holds the job's end back ORDER_GRACE (2 s) at most."""
+    backend = client(receiver.url("1"), tmp_path, flush_timeout=15)
+    real = backend._attempt
+
+    def attempt(event):
+        if event.route == "validation-results":
+            time.sleep(8)  # a backend that does not answer this route
+        return real(event)
+
+    monkeypatch.setattr(backend, "_attempt", attempt)
+    backend.validation_results(result(1))
+    time.sleep(0.2)  # its attempt is under way
+    started = time.monotonic()
+    backend.status("completed", 100)
+    deadline = started + 10
+    while not receiver.bodies("status") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    waited = time.monotonic() - started
+    assert [b["status"] for b in receiver.bodies("status")] == ["completed"]
+    assert backend.ORDER_GRACE - 0.3 <= waited < backend.ORDER_GRACE + 2
+    backend.close()
+
+
 def test_closing_while_a_request_is_in_flight_counts_it_in_flight_not_lost(receiver_factory, tmp_path, monkeypatch):
     import threading
 
