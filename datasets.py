@@ -187,9 +187,13 @@ def prepare_classification(root: Path, out: Path, fraction: float = 0.1) -> Path
     if not (root / "train").is_dir() or (root / "val").is_dir() or (root / "test").is_dir():
         return root
     shutil.rmtree(out, ignore_errors=True)
+    classes = {cls: sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+               for cls in sorted(p for p in (root / "train").iterdir() if p.is_dir())}
+    if not any(classes.values()):
+        raise BadInput("the dataset has no data.yaml, and its train/ folder has no class folders holding images "
+                       "(a classification dataset is train/<class>/<image>, with val/<class>/<image> optional)")
     moved = 0
-    for cls in sorted(p for p in (root / "train").iterdir() if p.is_dir()):
-        images = sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    for cls, images in classes.items():
         val = _validation_share(images, root, fraction)
         for image in images:
             link = out / ("val" if image in val else "train") / cls.name / image.name

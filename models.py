@@ -36,19 +36,25 @@ def infer_task(model_name: str) -> str | None:
     return "detect"
 
 
-def prepare_ultralytics(work_dir: Path) -> None:
-    """Keep Ultralytics offline and inside the work folder; call before importing ultralytics.
-
-    Its settings file lives in YOLO_CONFIG_DIR and matplotlib's cache in MPLCONFIGDIR (default:
-    the work folder, so nothing is written outside it), analytics and its
-    own MLflow callback are off (the trainer owns the MLflow run), and the fonts it would
-    download for plots are provided from matplotlib's bundled DejaVu Sans.
-    """
+def offline_environment(work_dir: Path) -> None:
+    """Ultralytics' environment, set before anything imports it (or torch.load unpickles a model):
+    offline, no pip installs at run time, its settings file in YOLO_CONFIG_DIR and matplotlib's and
+    torch's caches in the work folder (so nothing is written outside it). Variables already set win."""
     os.environ.setdefault("YOLO_OFFLINE", "1")
     os.environ.setdefault("YOLO_AUTOINSTALL", "false")  # never pip-install at run time (an exporter package, say)
     os.environ.setdefault("YOLO_CONFIG_DIR", str(work_dir / "ultralytics"))
     os.environ.setdefault("MPLCONFIGDIR", str(work_dir / "matplotlib"))  # its font cache, not in $HOME
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(work_dir / "torchinductor"))  # not /tmp/torchinductor_<user>
+
+
+def prepare_ultralytics(work_dir: Path) -> None:
+    """Import Ultralytics kept offline and inside the work folder (`offline_environment`), with its
+    analytics and its own MLflow callback off (the trainer owns the MLflow run), its messages
+    routed through the trainer's logging, and the fonts it would download for plots provided from
+    matplotlib's bundled DejaVu Sans. Importing it (and torch) takes seconds: train.py does it on a
+    helper thread while the job fetches its dataset.
+    """
+    offline_environment(work_dir)
     config_dir = Path(os.environ["YOLO_CONFIG_DIR"]) / "Ultralytics"
     config_dir.mkdir(parents=True, exist_ok=True)
     import matplotlib

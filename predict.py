@@ -41,11 +41,20 @@ from config import Settings, load_settings, log_configuration
 from datasets import IMAGE_SUFFIXES
 from exports import load_export
 from jsonlog import json_logging
-from models import default_device, prepare_ultralytics
+from models import default_device, offline_environment, prepare_ultralytics
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
-from utils import (EXIT_OK, BadInput, Redactor, TransientError, available_cpus, exit_now, failure_code,
-                   setup_logging)
+from utils import (
+    EXIT_OK,
+    BadInput,
+    Redactor,
+    TransientError,
+    available_cpus,
+    exit_now,
+    failure_code,
+    in_background,
+    setup_logging,
+)
 
 LOGGER = logging.getLogger("trainer.predict")
 
@@ -363,8 +372,11 @@ def main() -> int:
         settings = load_settings(os.environ, "predict")
         log_configuration(settings)
         storage = Storage(settings.storage)
-        prepare_ultralytics(settings.work_dir)
-        model = load_model(fetch_checkpoint(storage, settings), settings)
+        offline_environment(settings.work_dir)
+        ultralytics_ready = in_background(prepare_ultralytics, settings.work_dir)  # seconds: beside the download
+        checkpoint = fetch_checkpoint(storage, settings)
+        ultralytics_ready.result()
+        model = load_model(checkpoint, settings)
         folder = settings.work_dir / "predict" / f"{os.getpid()}-{time.time_ns()}"
         shard = Shard(settings.predict_shard, settings.predict_shards)
         spool = Spool(folder, storage, settings, shard.images_folder())

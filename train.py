@@ -40,6 +40,7 @@ from evaluation import evaluate_after_training
 from exports import export_after_training
 from models import (
     default_device,
+    offline_environment,
     prepare_ultralytics,
     resolve_model,
     resolve_task,
@@ -62,6 +63,7 @@ from utils import (
     available_cpus,
     background,
     exit_now,
+    in_background,
     now_iso,
     setup_logging,
     within,
@@ -80,10 +82,14 @@ OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded besi
 def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: Tracker, reporter: EpochReporter,
               stop: StopSignal, started: float) -> None:
     """The job's steps, from `running` to `completed` (raises on any failure)."""
-    tracker.prepare()  # MLflow's import and lookups overlap the storage lookups and the dataset's download
+    # The heavy imports overlap the storage lookups and the dataset's download and check, on helper
+    # threads: MLflow's (and its lookups), and torch's and Ultralytics' (about 4 s), which a job whose
+    # dataset is refused never waits for.
+    tracker.prepare()
+    offline_environment(settings.work_dir)  # before anything imports Ultralytics (torch.load of a checkpoint)
+    ultralytics_ready = in_background(prepare_ultralytics, settings.work_dir)
     backend.status("running", 0, started_at=now_iso())
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
-    prepare_ultralytics(settings.work_dir)
     run = prepare_run(storage, settings)
     reporter.use_storage(storage)
     if run.finished:  # a pod started again after the training was over: report it, train nothing
@@ -99,6 +105,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     check_dataset_or_fail(data, task, settings, backend)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
+    ultralytics_ready.result()
     tracker.start()
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", 0, **tracker.status_fields())

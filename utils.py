@@ -19,6 +19,7 @@ import math
 import os
 import re
 import threading
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -171,6 +172,22 @@ def background(step, *args) -> threading.Thread:
     return worker
 
 
+def in_background(step, *args) -> Future:
+    """Start a step in a helper thread now; `.result()` waits for it and gives its result or raises
+    its exception where that is needed. The thread is a daemon: a job that fails first does not wait."""
+    future: Future = Future()
+
+    def run() -> None:
+        future.set_running_or_notify_cancel()
+        try:
+            future.set_result(step(*args))
+        except BaseException as e:
+            future.set_exception(e)
+
+    threading.Thread(target=run, name=getattr(step, "__name__", "step"), daemon=True).start()
+    return future
+
+
 def within(seconds: float, step, *args) -> None:
     """Run a clean-up step in a helper thread, waiting at most `seconds` for it."""
     worker = threading.Thread(target=step, args=args, daemon=True)
@@ -199,7 +216,6 @@ def exit_now(code: int) -> None:
     import atexit
     import sys
     import time
-
     from concurrent.futures import thread as pool_threads
 
     # what interpreter shutdown does first: tell idle thread-pool workers (of pools a library never

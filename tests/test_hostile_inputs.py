@@ -219,6 +219,10 @@ CASES = [
     Case("corrupt-image", r"images/train/train_0001\.jpg: cannot be read as an image",
          lambda f: good(f, write("images/train/train_0001.jpg", b"\xff\xd8\xff garbage"))),
     Case("tiny-image", r"train_0000\.jpg: is smaller than 10x10 pixels", lambda f: good(f, tiny_image)),
+    Case("classification-images-straight-in-train", r"train/ folder has no class folders holding images",
+         zip_entries({"images/train/a.jpg": b"x", "images/train/b.jpg": b"y"})),
+    Case("classification-class-folders-without-images", r"train/ folder has no class folders holding images",
+         zip_entries({"train/cat/readme.txt": b"x", "train/dog/": b""})),
     Case("data-yaml-path-escapes", r"train: \.\./\.\./\.\./\.\./etc points outside the dataset",
          lambda f: good(f, write("data.yaml", YAML.replace("images/train", "../../../../etc")))),
     # variables

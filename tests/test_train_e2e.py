@@ -11,11 +11,19 @@ import json
 import math
 import re
 import uuid
+import zipfile
 
 import pytest
 import torch
 
-from tests.conftest import FAST_TRAINING, ROOT, SECRETS, Receiver, run_entry, storage_env
+from tests.conftest import (
+    FAST_TRAINING,
+    ROOT,
+    SECRETS,
+    Receiver,
+    run_entry,
+    storage_env,
+)
 
 EPOCHS = 3
 
@@ -283,6 +291,24 @@ def test_missing_dataset_exits_2_naming_the_object(s3_server, bucket, receiver, 
     assert [s["status"] for s in statuses] == ["running", "failed"]
     assert statuses[-1]["error"] == f"dataset s3://{bucket}/datasets/absent.zip does not exist"
     assert statuses[-1]["exit_code"] == 2
+
+
+def test_a_refused_dataset_fails_without_waiting_for_torch_and_ultralytics(s3_server, s3, bucket, receiver, tmp_path):
+    """Importing torch and Ultralytics takes seconds (on a helper thread, beside the dataset's download
+    and check): a job whose dataset is refused fails without waiting for it. An Ultralytics whose
+    import never ends stands in for a slow one; the job must still end, with the dataset's error."""
+    stuck = tmp_path / "stuck" / "ultralytics"
+    stuck.mkdir(parents=True)
+    (stuck / "__init__.py").write_text("import time\ntime.sleep(600)\n")
+    archive = io.BytesIO()
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("notes/readme.txt", b"not a dataset")
+    s3.put_object(Bucket=bucket, Key="datasets/ds.zip", Body=archive.getvalue())
+    env = base_env(s3_server, bucket, receiver, tmp_path, PYTHONPATH=str(stuck.parent))
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=90)
+    assert result.returncode == 2, result.stderr[-2000:]
+    final = receiver.bodies("status")[-1]
+    assert final["status"] == "failed" and "has no data.yaml" in final["error"]
 
 
 def test_pretrained_name_without_weights_is_a_clear_bad_input(s3_server, s3, bucket, receiver, dataset_zip, tmp_path):
