@@ -156,15 +156,21 @@ def _check_yaml_dataset(data_yaml: Path, task: str | None, report: DatasetReport
     if task == "pose" and not (isinstance(kpt, list) and len(kpt) == 2 and kpt[1] in (2, 3) and kpt[0] >= 1):
         report.add("data.yaml", f"a pose dataset needs kpt_shape: [keypoints, 2 or 3], got {kpt!r}")
         kpt = None
+    if classes == 0 and isinstance(names, (list, dict)):
+        report.add("data.yaml", "names lists no classes")
     images_checked = []
     for split in ("train", "val"):
         images = images_of(cfg.get(split))
         if not images:
             report.add(f"data.yaml {split}", f"no images found in {cfg.get(split)}")
+        objects = 0
         for image in images:
             label = label_path(image)
             if label.is_file():
-                _check_label_file(label, task, classes, kpt, report)
+                objects += _check_label_file(label, task, classes, kpt, report)
+        if split == "train" and images and not objects:  # unlabelled images are background; only those: nothing to learn
+            report.add("data.yaml train", f"none of its {len(images)} images has a label "
+                       "(labels/<image name>.txt with one object per line)")
         images_checked.extend(images)
     _check_images(images_checked, report)
 
@@ -202,18 +208,22 @@ def label_lines(label: Path) -> Iterator[tuple[int, str | None]]:
                 yield number, line
 
 
-def _check_label_file(label: Path, task: str | None, classes: int, kpt: list | None, report: DatasetReport) -> None:
+def _check_label_file(label: Path, task: str | None, classes: int, kpt: list | None, report: DatasetReport) -> int:
+    """Check one label file; returns how many objects (non-empty lines) it holds."""
     where = "/".join(label.parts[-3:])
+    objects = 0
     try:
         for number, line in label_lines(label):
             if line is None:
                 report.add(f"{where} line {number}", f"is longer than {MAX_LABEL_LINE} characters")
             elif line.strip():
+                objects += 1
                 problem = _label_problem(line.split(), task, classes, kpt)
                 if problem:
                     report.add(f"{where} line {number}", problem)
     except UnicodeDecodeError:
         report.add(where, "is not a text file")
+    return objects
 
 
 def _label_problem(values: list[str], task: str | None, classes: int, kpt: list | None) -> str | None:
@@ -275,6 +285,7 @@ def _check_classification_dataset(root: Path, report: DatasetReport) -> None:
         report.add("train/", "has no class folders")
     images = []
     for split, folder in splits.items():
+        count = len(images)
         for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
             found = sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found and split == "train":
@@ -282,6 +293,8 @@ def _check_classification_dataset(root: Path, report: DatasetReport) -> None:
             if split != "train" and cls.name not in train_classes:
                 report.add(f"{split}/{cls.name}/", "is a class that train/ does not have")
             images.extend(found)
+        if split != "train" and len(images) == count:  # Ultralytics would validate on it (val/ before test/)
+            report.add(f"{split}/", "has no class folders holding images")
     _check_images(images, report)
 
 

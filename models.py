@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import shutil
+import traceback
 from pathlib import Path, PurePosixPath
 
 import cache
@@ -74,6 +75,24 @@ def prepare_ultralytics(work_dir: Path) -> None:
     })
     UL_LOGGER.handlers.clear()  # route Ultralytics' messages through our stderr handler and redaction
     UL_LOGGER.propagate = True
+
+
+ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def ultralytics_refusal(error: BaseException) -> str | None:
+    """The first line of an error Ultralytics raised itself, while setting up training, about the data
+    or the arguments (no labels, a final batch of one image, a missing kpt_shape, its own dataset
+    check), else None: what the job reports as bad input rather than as an unexpected error."""
+    if not isinstance(error, (ValueError, FileNotFoundError, RuntimeError)):
+        return None
+    if isinstance(error, RuntimeError) and not str(error).startswith(("Dataset", "No valid images", "No images")):
+        return None  # e.g. out of memory: not the input's fault
+    frames = traceback.extract_tb(error.__traceback__)
+    if not frames or f"{os.sep}ultralytics{os.sep}" not in frames[-1].filename:
+        return None
+    lines = ANSI_CODES.sub("", str(error)).strip().splitlines()
+    return lines[0] if lines else None
 
 
 def default_device() -> str:

@@ -45,6 +45,7 @@ from models import (
     resolve_model,
     resolve_task,
     ultralytics_arg_problems,
+    ultralytics_refusal,
 )
 from registry import log_trained_model
 from reporting import EpochReporter, StopSignal, checkpoint_problem
@@ -157,9 +158,9 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
                 settings.model_name, data, settings.epochs, device)
     try:
         model.train(**args)
-    except RuntimeError as e:
-        if str(e).startswith("Dataset"):  # Ultralytics' own dataset check refused the data
-            raise BadInput(str(e).splitlines()[0]) from None
+    except Exception as e:
+        if reporter.stop.phase == "setup" and (refusal := ultralytics_refusal(e)):  # before the first batch
+            raise BadInput(refusal) from None
         raise
     reporter.recover_from_files(model.trainer)
     return model.trainer

@@ -414,3 +414,24 @@ def test_every_zip_method_and_size_extracts_the_same_bytes(tmp_path, monkeypatch
             zf.writestr(name, data, compress_type=methods[i % 4])
     out = extract_archive(archive, tmp_path / "x")
     assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == entries
+
+
+def test_only_errors_ultralytics_raises_about_its_input_are_bad_input():
+    """Ultralytics' own refusals while it sets up training become bad input (exit 2) with their first
+    line, colour codes removed; the same error types raised elsewhere, or out of memory, stay
+    unexpected errors (exit 1)."""
+    from ultralytics.data.utils import check_det_dataset
+
+    import models
+
+    try:
+        check_det_dataset("/nonexistent/data.yaml")
+    except Exception as e:
+        refused = e
+    assert models.ultralytics_refusal(refused) is not None and "\x1b" not in models.ultralytics_refusal(refused)
+    try:
+        int("not a number")
+    except ValueError as e:
+        assert models.ultralytics_refusal(e) is None  # raised outside Ultralytics
+    assert models.ultralytics_refusal(RuntimeError("CUDA out of memory")) is None
+    assert models.ultralytics_refusal(KeyError("x")) is None

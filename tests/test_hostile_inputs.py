@@ -141,6 +141,14 @@ def tiny_image(root: Path) -> None:
     cv2.imwrite(str(root / "images" / "train" / "train_0000.jpg"), np.zeros((5, 5, 3), np.uint8))
 
 
+def classification_with_empty_val(folder: Path) -> Path:
+    import cv2
+    import numpy as np
+
+    jpg = cv2.imencode(".jpg", np.full((32, 32, 3), 128, np.uint8))[1].tobytes()
+    return zip_entries({"train/cat/a.jpg": jpg, "train/dog/b.jpg": jpg, "val/": b""})(folder)
+
+
 YAML = "path: .\ntrain: images/train\nval: images/val\nnames: [rectangle, ellipse]\n"
 LABEL = "labels/train/train_0000.txt"
 
@@ -223,6 +231,14 @@ CASES = [
          zip_entries({"images/train/a.jpg": b"x", "images/train/b.jpg": b"y"})),
     Case("classification-class-folders-without-images", r"train/ folder has no class folders holding images",
          zip_entries({"train/cat/readme.txt": b"x", "train/dog/": b""})),
+    Case("train-split-without-labels", r"data\.yaml train: none of its 4 images has a label",
+         lambda f: good(f, remove("labels/train"))),
+    Case("names-empty", r"names lists no classes", lambda f: good(f, write("data.yaml", YAML.replace("[rectangle, ellipse]", "[]")))),
+    # refused by Ultralytics itself while it sets up training (after the imports): still bad input
+    Case("final-batch-of-one-image", r"final batch=1 training at imgsz=32 gives BatchNorm a single value per channel",
+         good, env={"BATCH_SIZE": "3", "IMGSZ": "32"}),
+    Case("classification-val-folder-empty", r"val/: has no class folders holding images", classification_with_empty_val,
+         env={"MODEL_NAME": "yolo11n-cls.yaml"}),
     Case("data-yaml-path-escapes", r"train: \.\./\.\./\.\./\.\./etc points outside the dataset",
          lambda f: good(f, write("data.yaml", YAML.replace("images/train", "../../../../etc")))),
     # variables
