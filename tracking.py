@@ -3,9 +3,8 @@ one run per job, found again by its `job_id` tag when the job starts again, with
 arguments as parameters, every epoch's numbers at step = epoch, and the outputs as artifacts.
 
 MLflow is imported and the run looked up on a helper thread while the dataset downloads
-(`prepare`); the run is made (`start`), and parameters and numbers go to the server, from one
-background thread, in that order, so training never waits on MLflow's import or its server;
-ending the run first waits (bounded) for what is queued.
+(`prepare`); parameters and numbers go to the server from one background thread, in order, so
+the training thread never waits on it; ending the run first waits (bounded) for what is queued.
 Any tracking failure logs one warning and switches tracking off; the run is still ended.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
@@ -21,7 +20,6 @@ import os
 import re
 import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from config import Settings
@@ -52,7 +50,6 @@ class Tracker:
         self._params: set[str] = set()
         self._preparing: threading.Thread | None = None  # the lookup `prepare` started
         self._prepared = None  # what it found, or the error it met
-        self._closing = False  # the job is ending: a run not made by now is not made
         self._init_queue()
 
     def _init_queue(self) -> None:
@@ -113,15 +110,8 @@ class Tracker:
         except Exception as e:
             self._prepared = e
 
-    def start(self, on_started: Callable[[], None] | None = None) -> None:
-        """Make the job's run, or continue the one a previous start of the job made, on the tracker's
-        background thread: training does not wait for MLflow's import or its server. Parameters and
-        numbers logged meanwhile queue behind it; `on_started` runs once the run exists (the status
-        that carries its ids). `ready` waits for it where the run must exist."""
-        self.active = True
-        self._later("start the run", self._start, on_started)
-
-    def _start(self, on_started: Callable[[], None] | None) -> None:
+    def start(self) -> None:
+        """Make the job's run, or continue the one a previous start of the job made."""
         if self._preparing is None:
             self._configure()
             self._prepare()
@@ -129,31 +119,25 @@ class Tracker:
             self._preparing.join()
             self._preparing = None
         prepared, self._prepared = self._prepared or RuntimeError("the lookup ended without an answer"), None
-        if isinstance(prepared, Exception):
-            raise prepared
-        if self._closing:  # the job ended before the run could be made: make none, rather than leave it RUNNING
-            return
-        s = self.settings
-        self.experiment_id, found = prepared
-        if found:
-            self.run_id = found.info.run_id
-            self._params = set(found.data.params)
-            self.client.update_run(self.run_id, status="RUNNING")
-            LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
-        else:
-            run = self.client.create_run(self.experiment_id, run_name=f"job-{s.job_id}",
-                                         tags={"job_id": s.job_id, "project_id": s.project_id})
-            self.run_id = run.info.run_id
-            LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
-                        self.redact(s.mlflow_tracking_uri))
-        if on_started:
-            on_started()
-
-    def ready(self, timeout: float | None = None) -> bool:
-        """Wait (at most `timeout`) until the run is made and what was queued before is logged; True
-        when the run exists and tracking is on."""
-        self.flush(timeout)
-        return self.active and self.run_id is not None
+        try:
+            if isinstance(prepared, Exception):
+                raise prepared
+            s = self.settings
+            self.experiment_id, found = prepared
+            if found:
+                self.run_id = found.info.run_id
+                self._params = set(found.data.params)
+                self.client.update_run(self.run_id, status="RUNNING")
+                LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
+            else:
+                run = self.client.create_run(self.experiment_id, run_name=f"job-{s.job_id}",
+                                             tags={"job_id": s.job_id, "project_id": s.project_id})
+                self.run_id = run.info.run_id
+                LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
+                            self.redact(s.mlflow_tracking_uri))
+            self.active = True
+        except Exception as e:
+            self._off("start", e)
 
     def status_fields(self) -> dict:
         """The MLflow ids every status carries once the run exists (the UI links to the run)."""
@@ -170,28 +154,25 @@ class Tracker:
 
     def log_params(self, params: dict) -> None:
         """Log parameters not logged before (MLflow refuses to change a logged value)."""
-        if self.active:
-            self._later("log parameters", self._log_params, dict(params))
-
-    def _log_params(self, params: dict) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Param
 
         new = [Param(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
         self._params.update(p.key for p in new)
         for i in range(0, len(new), 100):
-            self.client.log_batch(self.run_id, params=new[i:i + 100])
+            self._later("log parameters", self.client.log_batch, self.run_id, params=new[i:i + 100])
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
         the same numbers are there under the contract's names."""
-        if self.active:
-            self._later("log metrics", self._log_metrics, dict(metrics), step, int(time.time() * 1000))
-
-    def _log_metrics(self, metrics: dict, step: int, stamp: int) -> None:
+        if not self.active:
+            return
         from mlflow.entities import Metric
 
+        stamp = int(time.time() * 1000)
         points = [Metric(k, v, stamp, step) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
-        self.client.log_batch(self.run_id, metrics=points)
+        self._later("log metrics", self.client.log_batch, self.run_id, metrics=points)
 
     def _later(self, action: str, call, *args, **kwargs) -> None:
         """Make an MLflow call on the tracker's background thread, after those queued before it."""
@@ -222,8 +203,6 @@ class Tracker:
             return self._cond.wait_for(lambda: not self._jobs, timeout)
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
-        if not self.ready(self.END_TIMEOUT):
-            return
         for f in files:
             if not self.active:
                 return
@@ -235,12 +214,11 @@ class Tracker:
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
-        wait = self.END_TIMEOUT if status == "FINISHED" else self.END_TIMEOUT / 5  # a stopped job has seconds
-        if self.active and not self.flush(wait):  # a run still being made is waited for too
-            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", wait)
-        self._closing = True
         if not self.run_id:
             return
+        wait = self.END_TIMEOUT if status == "FINISHED" else self.END_TIMEOUT / 5  # a stopped job has seconds
+        if self.active and not self.flush(wait):
+            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", wait)
         if self.active:
             self._end(status)
             return

@@ -8,7 +8,7 @@ the environment; by hand, put the variables in ./.env (real environment variable
 
 Steps (`train_job`): report `running` -> find where the job starts (fresh, resumed from its
 last.pt in storage, or already finished) -> download and check the dataset -> resolve the model
-weights -> start the MLflow run (made on a helper thread as training starts) -> train, reporting every epoch -> upload checkpoints and outputs
+weights -> start the MLflow run -> train, reporting every epoch -> upload checkpoints and outputs
 -> optionally evaluate best.pt on the test split, export it, log and register it in MLflow (docs/models.md)
 -> store the completion marker -> report `completed`. Any failure reports `failed` (or
 `cancelled`) with a redacted message and exits with the contract's code (see README, "Exit codes").
@@ -106,11 +106,12 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     check_dataset_or_fail(data, task, settings, backend)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
-    tracker.start(on_started=lambda: announce_run(backend, tracker, reporter))  # made beside the training
     ultralytics_ready.result()
+    tracker.start()
+    if tracker.run_id:  # the UI links to the run while training runs
+        backend.status("running", 0, **tracker.status_fields())
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
-    tracker.ready(tracker.END_TIMEOUT)  # the run's ids and URL belong in the final status
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     uris = upload_outputs(storage, settings, trainer, reporter)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
@@ -125,13 +126,6 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     backend.status("completed", 100, **final)
     artifacts.join()
     tracker.finish("FINISHED")
-
-
-def announce_run(backend: Backend, tracker: Tracker, reporter: EpochReporter) -> None:
-    """Once the MLflow run exists (made on the tracker's thread while training starts): a status with
-    its ids, so the UI links to the run while training runs; never after the job's final status."""
-    if backend.final_status is None:
-        backend.status("running", reporter.progress(), **tracker.status_fields())
 
 
 def train_model(settings: Settings, task: str, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
@@ -160,7 +154,6 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
             args.setdefault("optimizer", "AdamW")
     if "," in device:  # several GPUs: Ultralytics relaunches training as DDP worker processes
         reporter.stop.phase = "ddp"
-        reporter.tracker.ready(120)  # the workers log to the run: its id goes with them
     LOGGER.info("%s %s on %s for %d epochs (device %s)", "resuming" if resume else "training",
                 settings.model_name, data, settings.epochs, device)
     try:

@@ -32,7 +32,6 @@ def parent(out: Path) -> None:
     backend = m["Backend"](settings.backend, redact, m["job_dir"](settings) / "events.jsonl")
     tracker = m["Tracker"](settings, redact)
     tracker.start()
-    tracker.ready(60)  # as train_model does before a DDP launch: the run's id goes with the workers
     reporter = m["EpochReporter"](settings, redact, backend, tracker, m["StopSignal"](settings.shutdown_timeout))
     callbacks = {event: [hook] for event, hook in reporter.callbacks().items()}
     out.write_bytes(cloudpickle.dumps({"callbacks": callbacks}))  # as ultralytics.utils.dist does

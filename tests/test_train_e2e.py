@@ -145,7 +145,7 @@ def test_one_training_metrics_row_per_epoch(job):
 def test_statuses_carry_the_mlflow_ids_once_the_run_exists(job):
     statuses = job["receiver"].bodies("status")
     first = next(i for i, s in enumerate(statuses) if s.get("mlflow_run_id"))
-    assert first >= 1 and statuses[first]["status"] == "running"  # once the run was made, while training runs
+    assert first == 1 and statuses[first]["status"] == "running"  # right after the run was made
     assert all(s["mlflow_run_id"] == statuses[-1]["mlflow_run_id"] for s in statuses[first:])
     assert all(s["mlflow_experiment_id"] == statuses[-1]["mlflow_experiment_id"] for s in statuses[first:])
 
