@@ -22,7 +22,7 @@ import cache
 from config import Settings
 from dataset_check import dataset_task
 from storage import Storage, StorageNotFound, fetch_file
-from utils import BadInput, TransientError
+from utils import BadInput, ConfigError, TransientError
 
 LOGGER = logging.getLogger("trainer")
 
@@ -147,23 +147,61 @@ def checkpoint_task(path: str) -> str | None:
     return task if task in COMPATIBLE_DATA else None
 
 
-def ultralytics_arg_problems(args: dict, work_dir: Path) -> list[str]:
-    """TRAIN_ARGS through Ultralytics' own checks: unknown keys (with suggestions), then types and ranges."""
-    prepare_ultralytics(work_dir)
+def ultralytics_argument_names() -> set[str]:
+    """The training arguments Ultralytics knows: the keys of its cfg/default.yaml (what its
+    DEFAULT_CFG_DICT is made of), read without importing Ultralytics and torch (about 3 s)."""
+    import importlib.util
+
+    import yaml
+
+    spec = importlib.util.find_spec("ultralytics")  # a top-level package: found, not imported
+    if spec is None or spec.origin is None:
+        raise RuntimeError("Ultralytics is not installed")
+    default = Path(spec.origin).parent / "cfg" / "default.yaml"
+    return set(yaml.load(default.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader)))
+
+
+def train_arg_name_problems(args: dict, work_dir: Path | None = None) -> list[str]:
+    """TRAIN_ARGS keys Ultralytics does not know, with the closest names it does: checked with the
+    configuration, before anything is downloaded (a misspelt key is the common mistake)."""
+    known = ultralytics_argument_names()
+    problems = []
+    for key in args:
+        if key not in known:
+            close = difflib.get_close_matches(key, sorted(known), n=2)
+            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
+            problems.append(f"TRAIN_ARGS: {key!r} is not an Ultralytics training argument{hint}")
+    return problems
+
+
+def train_arg_value_problems(args: dict) -> list[str]:
+    """TRAIN_ARGS values through Ultralytics' own check_cfg (types and ranges); needs Ultralytics
+    imported (`prepare_ultralytics`). Unknown keys are `train_arg_name_problems`'."""
     from ultralytics.cfg import DEFAULT_CFG_DICT, check_cfg
 
     problems = []
     for key, value in args.items():
-        if key not in DEFAULT_CFG_DICT:
-            close = difflib.get_close_matches(key, list(DEFAULT_CFG_DICT), n=2)
-            hint = f" (did you mean {' or '.join(repr(c) for c in close)}?)" if close else ""
-            problems.append(f"TRAIN_ARGS: {key!r} is not an Ultralytics training argument{hint}")
-            continue
-        try:
-            check_cfg({key: value}, hard=True)
-        except (TypeError, ValueError) as e:
-            problems.append(f"TRAIN_ARGS: {e}")
+        if key in DEFAULT_CFG_DICT:
+            try:
+                check_cfg({key: value}, hard=True)
+            except (TypeError, ValueError) as e:
+                problems.append(f"TRAIN_ARGS: {e}")
     return problems
+
+
+def ultralytics_arg_problems(args: dict, work_dir: Path) -> list[str]:
+    """TRAIN_ARGS through Ultralytics' own checks at once: unknown keys (with suggestions), then
+    types and ranges (`--check`; train.py checks the values beside the dataset's download)."""
+    prepare_ultralytics(work_dir)
+    return train_arg_name_problems(args) + train_arg_value_problems(args)
+
+
+def prepare_training(settings: Settings) -> None:
+    """train.py's helper-thread step: import Ultralytics (`prepare_ultralytics`), then check
+    TRAIN_ARGS' values with it; raises ConfigError, as the configuration check would have."""
+    prepare_ultralytics(settings.work_dir)
+    if problems := train_arg_value_problems(settings.train_args):
+        raise ConfigError(problems)
 
 
 def resolve_model(storage: Storage, settings: Settings) -> str:

@@ -9,7 +9,8 @@ Any failure logs one warning and the job goes on: tracking never fails training.
 
 Environment (through Settings): MLFLOW_LOG_MODEL, MLFLOW_REGISTERED_MODEL_NAME, MLFLOW_TRACKING_URI,
 and IMGSZ, CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET, PREDICT_BATCH as the model's prediction settings.
-Imports: utils, config, validation; mlflow (about 2 s) inside the functions that log. pyfunc_model.py is
+Imports: utils, config, validation; mlflow (about 2 s) inside the functions that log (`preload_mlflow`
+imports it as training ends). pyfunc_model.py is
 not imported here: MLflow logs the file.
 """
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import importlib
 import logging
 import os
 import warnings
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Callable
 
 from config import PLATFORM_TASKS, Settings
+from utils import in_background
 from validation import primary_metric
 
 LOGGER = logging.getLogger("trainer")
@@ -57,6 +60,18 @@ def log_trained_model(settings: Settings, tracker, weights: Path, task: str, met
         LOGGER.warning("MLflow: could not %s the model (%s); the job goes on without it",
                        "register" if fields else "log", tracker.redact(f"{type(e).__name__}: {e}")[:500])
     return fields
+
+
+_preloading: list = []
+
+
+def preload_mlflow(settings: Settings) -> None:
+    """Import MLflow (2-3 s of Python) on a helper thread as training ends (train.py: once the last
+    epoch is saved, beside the final validation), when the model is to be logged: the trainer's
+    other MLflow calls are made in its helper process (tracking.py), so nothing has imported MLflow
+    in this one. Once per process; `log_pyfunc_model`'s import waits for it."""
+    if (settings.mlflow_log_model or settings.registered_model_name) and not _preloading:
+        _preloading.append(in_background(importlib.import_module, "mlflow"))
 
 
 def log_pyfunc_model(settings: Settings, run_id: str, weights: Path, task: str):

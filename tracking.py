@@ -2,10 +2,12 @@
 one run per job, found again by its `job_id` tag when the job starts again, with the training
 arguments as parameters, every epoch's numbers at step = epoch, and the outputs as artifacts.
 
-MLflow is imported and the run looked up on a helper thread while the dataset downloads
-(`prepare`); parameters and numbers go to the server from one background thread, in order, so
-the training thread never waits on it; ending the run first waits (bounded) for what is queued.
-Any tracking failure logs one warning and switches tracking off; the run is still ended.
+MLflow runs in a helper process (mlflow_worker.py), started as the job begins (`prepare`): it
+imports MLflow and looks up the run on another core while the dataset downloads; parameters and
+numbers are queued to it and made in order, so the training thread never waits on the server;
+ending the run first waits (bounded) for what is queued. A trainer killed outright leaves no run
+RUNNING: the helper sees its pipe close and ends the run KILLED. Any tracking failure logs one
+warning and switches tracking off; the run is still ended.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
 lowered unless set).
@@ -14,13 +16,18 @@ Imports: utils, config.
 
 from __future__ import annotations
 
-import collections
+import itertools
+import json
 import logging
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
+from concurrent.futures import Future
 from pathlib import Path
+from typing import Callable
 
 from config import Settings
 from utils import Redactor
@@ -33,59 +40,58 @@ MLFLOW_NAME = re.compile(r"[\w\-. :/]+")  # the characters MLflow accepts in a m
 class Tracker:
     """The job's MLflow run: one per job, found again by its `job_id` tag when the job restarts.
 
+    The MLflow calls are made by a helper process (mlflow_worker.py), in order: the trainer's
+    threads only queue them, except where an answer is needed (the run's ids, artifacts, the end).
     Any tracking failure logs one warning and switches tracking off; it never fails training.
     The run id is kept after that, so the run is still ended (FINISHED, FAILED, KILLED) rather
     than left RUNNING forever.
     """
 
-    END_TIMEOUT = 10.0  # seconds to wait for ending the run once tracking has failed
+    END_TIMEOUT = 10.0  # seconds to wait for the queued calls, and for ending the run
 
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings
         self.redact = redact
-        self._client = None
         self.run_id: str | None = None
         self.experiment_id: str | None = None
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
-        self._preparing: threading.Thread | None = None  # the lookup `prepare` started
-        self._prepared = None  # what it found, or the error it met
-        self._init_queue()
+        self._worker: _WorkerProcess | None = None
 
-    def _init_queue(self) -> None:
-        self._jobs: collections.deque = collections.deque()  # (action, call): MLflow calls not made yet
-        self._cond = threading.Condition()
-        self._worker: threading.Thread | None = None
-
-    def __getstate__(self) -> dict:
-        # a DDP worker makes its own client (and queue) for the same run
-        return {k: v for k, v in self.__dict__.items()
-                if k not in ("_client", "_jobs", "_cond", "_worker", "_preparing", "_prepared")}
+    def __getstate__(self) -> dict:  # a DDP worker starts its own helper process for the same run
+        return {k: v for k, v in self.__dict__.items() if k != "_worker"}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _client=None, _preparing=None, _prepared=None)
-        self._init_queue()
-
-    @property
-    def client(self):
-        if self._client is None:
-            from mlflow import MlflowClient
-
-            self._client = MlflowClient(self.settings.mlflow_tracking_uri)
-        return self._client
+        self.__dict__.update(state, _worker=None)
 
     def prepare(self) -> None:
-        """Import MLflow and look up the job's experiment and run on a helper thread, while the job
-        downloads its dataset (network waits, mostly outside the GIL): importing MLflow alone takes
-        about 2 s. `start` then only makes or continues the run. Nothing is created for a job that
-        fails before it starts (a bad dataset), apart from the experiment."""
-        self._configure()
-        self._preparing = threading.Thread(target=self._prepare, name="mlflow-prepare", daemon=True)
-        self._preparing.start()
+        """Start the helper process now: it imports MLflow (about 2 s) and looks up the job's
+        experiment and run on another core while the job downloads its dataset and imports torch.
+        `start` then only makes or continues the run. Nothing is created for a job that fails before
+        it starts (a bad dataset), apart from the experiment."""
+        self._lookup_request("prepare")
+
+    def _lookup_request(self, op: str) -> dict:
+        s = self.settings
+        request = {"op": op, "experiment": s.mlflow_experiment, "artifact_location": artifact_location(s),
+                   "job_id": s.job_id, "project_id": s.project_id}
+        if op == "prepare":
+            self._send(request)
+        return request
+
+    def _send(self, request: dict, answer: bool = False) -> Future | None:
+        if self._worker is None:
+            self._configure()
+            self._worker = _WorkerProcess(self.settings.mlflow_tracking_uri, self.redact, self._off)
+        return self._worker.send(request, answer)
+
+    def _ask(self, request: dict, timeout: float | None = None):
+        """Send a request and wait for its answer (raises the helper's error, or TimeoutError)."""
+        return self._send(request, answer=True).result(timeout)
 
     def _configure(self) -> None:
         # MLflow's HTTP defaults (7 retries, backoff factor 2, 120 s timeout) would stall a job for
-        # minutes on a dead server.
+        # minutes on a dead server. The helper process inherits the environment.
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "3")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
@@ -97,42 +103,16 @@ class Tracker:
         elif isinstance(verify, str):
             os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", verify)
 
-    def _prepare(self) -> None:
-        """The experiment (made if new) and the job's run if it has one: (experiment id, run or None)."""
-        try:
-            s = self.settings
-            experiment = self.client.get_experiment_by_name(s.mlflow_experiment)
-            experiment_id = (experiment.experiment_id if experiment else
-                             self.client.create_experiment(s.mlflow_experiment, artifact_location(s)))
-            runs = self.client.search_runs([experiment_id], f"tags.job_id = '{s.job_id}'", max_results=1,
-                                           order_by=["attributes.start_time DESC"])
-            self._prepared = (experiment_id, runs[0] if runs else None)
-        except Exception as e:
-            self._prepared = e
-
     def start(self) -> None:
         """Make the job's run, or continue the one a previous start of the job made."""
-        if self._preparing is None:
-            self._configure()
-            self._prepare()
-        else:
-            self._preparing.join()
-            self._preparing = None
-        prepared, self._prepared = self._prepared or RuntimeError("the lookup ended without an answer"), None
+        s = self.settings
         try:
-            if isinstance(prepared, Exception):
-                raise prepared
-            s = self.settings
-            self.experiment_id, found = prepared
-            if found:
-                self.run_id = found.info.run_id
-                self._params = set(found.data.params)
-                self.client.update_run(self.run_id, status="RUNNING")
+            run = self._ask(self._lookup_request("start"))
+            self.run_id, self.experiment_id = run["run_id"], run["experiment_id"]
+            self._params = set(run["params"])
+            if run["continued"]:
                 LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
             else:
-                run = self.client.create_run(self.experiment_id, run_name=f"job-{s.job_id}",
-                                             tags={"job_id": s.job_id, "project_id": s.project_id})
-                self.run_id = run.info.run_id
                 LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
                             self.redact(s.mlflow_tracking_uri))
             self.active = True
@@ -156,93 +136,156 @@ class Tracker:
         """Log parameters not logged before (MLflow refuses to change a logged value)."""
         if not self.active:
             return
-        from mlflow.entities import Param
-
-        new = [Param(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
-        self._params.update(p.key for p in new)
+        new = [(k, self.redact(v)[:6000]) for k, v in sorted(params.items()) if k not in self._params]
+        self._params.update(k for k, _ in new)
         for i in range(0, len(new), 100):
-            self._later("log parameters", self.client.log_batch, self.run_id, params=new[i:i + 100])
+            self._send({"op": "log", "action": "log parameters", "run_id": self.run_id, "params": new[i:i + 100]})
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         """Log numbers at this step; names MLflow refuses (the UI's `mAP@0.5`, `precision(M)`) are left out:
         the same numbers are there under the contract's names."""
         if not self.active:
             return
-        from mlflow.entities import Metric
-
         stamp = int(time.time() * 1000)
-        points = [Metric(k, v, stamp, step) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
-        self._later("log metrics", self.client.log_batch, self.run_id, metrics=points)
-
-    def _later(self, action: str, call, *args, **kwargs) -> None:
-        """Make an MLflow call on the tracker's background thread, after those queued before it."""
-        with self._cond:
-            self._jobs.append((action, lambda: call(*args, **kwargs)))
-            if self._worker is None:
-                self._worker = threading.Thread(target=self._work, name="mlflow-logger", daemon=True)
-                self._worker.start()
-            self._cond.notify_all()
-
-    def _work(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._jobs)
-                action, call = self._jobs[0]
-            if self.active:  # after a failure, what is queued is dropped (tracking is off)
-                try:
-                    call()
-                except Exception as e:
-                    self._off(action, e)
-            with self._cond:
-                self._jobs.popleft()
-                self._cond.notify_all()
+        points = [(k, float(v), stamp, int(step)) for k, v in metrics.items() if MLFLOW_NAME.fullmatch(k)]
+        self._send({"op": "log", "action": "log metrics", "run_id": self.run_id, "metrics": points})
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until every queued call was made (or dropped); False if the timeout came first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._jobs, timeout)
+        if self._worker is None:
+            return True
+        try:
+            self._ask({"op": "flush"}, timeout)
+            return True
+        except TimeoutError:
+            return False
+        except Exception:  # the helper is gone: nothing is queued any more
+            return True
 
     def log_artifacts(self, files: list[Path], artifact_path: str | None = None) -> None:
         for f in files:
             if not self.active:
                 return
             try:
-                self.client.log_artifact(self.run_id, str(f), artifact_path)
+                self._ask({"op": "artifact", "run_id": self.run_id, "path": str(f), "artifact_path": artifact_path})
             except Exception as e:
                 self._off(f"upload {f.name}", e)
 
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
-        if not self.run_id:
-            return
-        wait = self.END_TIMEOUT if status == "FINISHED" else self.END_TIMEOUT / 5  # a stopped job has seconds
-        if self.active and not self.flush(wait):
-            LOGGER.warning("MLflow: numbers still queued after %g s are not logged", wait)
-        if self.active:
-            self._end(status)
-            return
-        worker = threading.Thread(target=self._end, args=(status,), name="mlflow-end", daemon=True)
-        worker.start()
-        worker.join(self.END_TIMEOUT)
-
-    def _end(self, status: str) -> None:
-        was_active = self.active
         try:
-            self.client.set_terminated(self.run_id, status=status)
-            self.active = False
-        except Exception as e:
-            if was_active:
-                self._off("end the run", e)
-            else:
-                LOGGER.warning("MLflow: could not mark run %s %s either (%s)", self.run_id, status,
-                               self.redact(f"{type(e).__name__}: {e}")[:500])
+            if not self.run_id:
+                return
+            wait = self.END_TIMEOUT if status == "FINISHED" else self.END_TIMEOUT / 5  # a stopped job has seconds
+            if self.active and not self.flush(wait):
+                LOGGER.warning("MLflow: numbers still queued after %g s are not logged", wait)
+            was_active, self.active = self.active, False
+            try:
+                self._ask({"op": "end", "run_id": self.run_id, "status": status}, self.END_TIMEOUT)
+            except Exception as e:
+                if was_active:
+                    self._off("end the run", e)
+                else:
+                    LOGGER.warning("MLflow: could not mark run %s %s either (%s)", self.run_id, status,
+                                   self.redact(_describe(e))[:500])
+        finally:
+            if self._worker is not None:
+                self._worker.close(run_made=self.run_id is not None)
 
     def _off(self, action: str, error: Exception) -> None:
         """Stop tracking (the run id stays, to end the run)."""
         LOGGER.warning("MLflow: failed to %s (%s); tracking is off for the rest of this job", action,
-                       self.redact(f"{type(error).__name__}: {error}")[:500])
+                       self.redact(_describe(error))[:500])
         self.active = False
+
+
+class WorkerError(Exception):
+    """An MLflow call failed in the helper process (its message names the original error)."""
+
+
+def _describe(error: Exception) -> str:
+    if isinstance(error, TimeoutError):
+        return "no answer in time"
+    return str(error) if isinstance(error, WorkerError) else f"{type(error).__name__}: {error}"
+
+
+class _WorkerProcess:
+    """The helper process (mlflow_worker.py) and its pipes: requests written as JSON lines, answers
+    read on a thread and handed to the futures waiting for them, its stderr logged (redacted)."""
+
+    def __init__(self, uri: str, redact: Redactor, off: Callable[[str, Exception], None]):
+        self.redact, self.off = redact, off
+        self.lock = threading.Lock()
+        self.waiting: dict[int, Future] = {}
+        self.ids = itertools.count(1)
+        self.proc = subprocess.Popen([sys.executable, str(Path(__file__).with_name("mlflow_worker.py"))],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                     text=True, encoding="utf-8", errors="replace")
+        threading.Thread(target=self._read_answers, name="mlflow-answers", daemon=True).start()
+        threading.Thread(target=self._read_stderr, name="mlflow-stderr", daemon=True).start()
+        self.send({"op": "init", "uri": uri})
+
+    def send(self, request: dict, answer: bool = False) -> Future | None:
+        future = Future() if answer else None
+        with self.lock:
+            if future is not None:
+                request = {**request, "id": next(self.ids)}
+                self.waiting[request["id"]] = future
+            try:
+                self.proc.stdin.write(json.dumps(request) + "\n")
+                self.proc.stdin.flush()
+            except (OSError, ValueError) as e:  # the helper is gone (or closed)
+                error = WorkerError(f"the MLflow helper process is not running ({type(e).__name__})")
+                if future is None:
+                    self.off(request.get("action", request["op"]), error)
+                else:
+                    self.waiting.pop(request["id"], None)
+                    future.set_exception(error)
+        return future
+
+    def _read_answers(self) -> None:
+        for line in self.proc.stdout:
+            try:
+                message = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if "off" in message:
+                self.off(message["off"], WorkerError(message["error"]))
+                continue
+            with self.lock:
+                future = self.waiting.pop(message.get("id"), None)
+            if future is not None:
+                if "error" in message:
+                    future.set_exception(WorkerError(message["error"]))
+                else:
+                    future.set_result(message["ok"])
+        code = self.proc.wait()
+        with self.lock:
+            waiting, self.waiting = self.waiting, {}
+        for future in waiting.values():
+            future.set_exception(WorkerError(f"the MLflow helper process ended (exit code {code})"))
+
+    def _read_stderr(self) -> None:
+        for line in self.proc.stderr:
+            if line.strip():
+                LOGGER.info("MLflow: %s", self.redact(line.rstrip()))
+
+    def close(self, run_made: bool, wait: float = 2.0) -> None:
+        """No more requests. Without a run (a job that failed first) the helper is stopped: what it
+        would still look up is of no use. Otherwise it finishes what it has and exits, waited for
+        `wait` seconds (it ends by itself, within mlflow_worker.END_WAIT and a call, if it is stuck)."""
+        if not run_made:
+            self.proc.kill()
+        with self.lock:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            pass
 
 
 def artifact_location(settings: Settings) -> str | None:

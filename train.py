@@ -41,13 +41,13 @@ from exports import export_after_training
 from models import (
     default_device,
     offline_environment,
-    prepare_ultralytics,
+    prepare_training,
     resolve_model,
     resolve_task,
-    ultralytics_arg_problems,
+    train_arg_name_problems,
     ultralytics_refusal,
 )
-from registry import log_trained_model
+from registry import log_trained_model, preload_mlflow
 from reporting import EpochReporter, StopSignal, checkpoint_problem
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
 from storage import Storage
@@ -85,10 +85,11 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     """The job's steps, from `running` to `completed` (raises on any failure)."""
     # The heavy imports overlap the storage lookups and the dataset's download and check, on helper
     # threads: MLflow's (and its lookups), and torch's and Ultralytics' (about 4 s), which a job whose
-    # dataset is refused never waits for.
-    tracker.prepare()
+    # dataset is refused never waits for. TRAIN_ARGS' values are checked by Ultralytics once it is
+    # imported (their names were checked with the configuration).
     offline_environment(settings.work_dir)  # before anything imports Ultralytics (torch.load of a checkpoint)
-    ultralytics_ready = in_background(prepare_ultralytics, settings.work_dir)
+    ultralytics_ready = in_background(prepare_training, settings)
+    tracker.prepare()  # MLflow's import and lookups, in its own process
     backend.status("running", 0, started_at=now_iso())
     backend.watch_cancellation(settings.backend.health_interval, stop.request)
     run = prepare_run(storage, settings)
@@ -101,6 +102,8 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     stop.check()
     data, reporter.dataset_root = download_dataset(storage, settings)
     stop.check()
+    if ultralytics_ready.done():  # a TRAIN_ARGS value refused (or a failed import) ends the job here
+        ultralytics_ready.result()
     weights = str(run.resume_from) if run.resume_from else resolve_model(storage, settings)
     task = resolve_task(settings, weights, data)
     check_dataset_or_fail(data, task, settings, backend)
@@ -112,6 +115,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         backend.status("running", 0, **tracker.status_fields())
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
+    preload_mlflow(settings)  # for logging the model (done already unless training stopped early)
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     uris = upload_outputs(storage, settings, trainer, reporter)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
@@ -140,6 +144,8 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
     device = settings.device or default_device()
+    if "," not in device:  # MLflow for logging the model is imported beside the final validation (not in DDP workers)
+        model.add_callback("on_fit_epoch_end", lambda t: preload_mlflow(settings) if t.epoch + 1 >= t.epochs else None)
     workers = settings.workers if settings.workers is not None else min(8, available_cpus())
     if resume:
         # Ultralytics takes everything else (epochs, batch, lr0, TRAIN_ARGS...) from the checkpoint.
@@ -291,7 +297,7 @@ def main() -> int:
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact, capture_stdout=True)  # LOG_FORMAT=json: stdout's lines become JSON too
     try:
-        settings = load_settings(os.environ, "train", check_train_args=ultralytics_arg_problems)
+        settings = load_settings(os.environ, "train", check_train_args=train_arg_name_problems)
     except ConfigError as e:
         return report_config_error(e, redact)
 

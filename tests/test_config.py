@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,3 +205,26 @@ def test_train_args_checker_runs_with_the_other_checks_and_all_problems_come_tog
     assert seen == {"args": {"patiense": 3}, "work_dir": tmp_path.resolve()}
     assert any(p.startswith("EPOCHS=0") for p in info.value.problems)
     assert any("'patiense'" in p for p in info.value.problems)
+
+
+def test_train_arg_names_are_checked_without_importing_ultralytics():
+    """train.py checks TRAIN_ARGS' names with the configuration, against Ultralytics' default.yaml
+    read from disk: the names must be exactly Ultralytics' own, and neither it nor torch is imported
+    (about 3 s) before the job starts its downloads."""
+    code = ("import sys, json; from config import load_settings; from models import train_arg_name_problems\n"
+            "from utils import ConfigError\n"
+            f"env = {{**{BASE!r}, 'TRAIN_ARGS': json.dumps({{'patiense': 3, 'cos_lr': True}})}}\n"
+            "try:\n    load_settings(env, check_train_args=train_arg_name_problems)\n"
+            "except ConfigError as e:\n    print(json.dumps(e.problems))\n"
+            "print(json.dumps(sorted(m for m in ('torch', 'ultralytics', 'cv2') if m in sys.modules)))\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    problems, imported = (json.loads(line) for line in result.stdout.splitlines()[-2:])
+    assert problems == ["TRAIN_ARGS: 'patiense' is not an Ultralytics training argument (did you mean 'patience'?)"]
+    assert imported == []
+
+    from ultralytics.cfg import DEFAULT_CFG_DICT
+
+    from models import ultralytics_argument_names
+
+    assert ultralytics_argument_names() == set(DEFAULT_CFG_DICT)

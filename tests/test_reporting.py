@@ -165,36 +165,6 @@ def test_without_a_callback_url_no_outbox_is_written(tmp_path):
     assert not path.exists() and off.owed(1) == []
 
 
-def test_mlflow_calls_never_make_the_training_thread_wait_and_keep_their_order(tmp_path):
-    """A stub client (pure queueing logic): log_batch blocks until released, yet log_metrics returns;
-    finish waits for the queue, then ends the run after every call, in order."""
-    import threading
-
-    from tracking import Tracker
-
-    release, calls = threading.Event(), []
-
-    class SlowClient:
-        def log_batch(self, run_id, metrics=(), params=()):
-            release.wait(30)
-            calls.append(("batch", [m.step for m in metrics], [p.key for p in params]))
-
-        def set_terminated(self, run_id, status):
-            calls.append(("end", status))
-
-    settings = load_settings({"JOB_ID": "t2", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path)})
-    tracker = Tracker(settings, Redactor([]))
-    tracker._client, tracker.run_id, tracker.active = SlowClient(), "run1", True
-    tracker.log_params({"epochs": 3})
-    for step in (1, 2, 3):
-        tracker.log_metrics({"mAP50": 0.1 * step}, step=step)  # returns although the server is stuck
-    assert calls == [] and not tracker.flush(0.2)
-    release.set()
-    tracker.finish("FINISHED")
-    assert calls == [("batch", [], ["epochs"]), ("batch", [1], []), ("batch", [2], []), ("batch", [3], []),
-                     ("end", "FINISHED")]
-
-
 def test_large_transfers_use_about_one_part_per_thread():
     mb = 1024 * 1024
     parts = {size: Storage._parts(size * mb).multipart_chunksize // mb for size in (9, 25, 80, 300, 2000)}

@@ -1,14 +1,22 @@
-"""The job's MLflow run made in two steps: the lookup on a helper thread while the dataset
-downloads (Tracker.prepare), then the run itself (Tracker.start). Against MLflow's local store."""
+"""The job's MLflow run made in two steps: the lookup in the helper process (mlflow_worker.py)
+while the dataset downloads (Tracker.prepare), then the run itself (Tracker.start). Against
+MLflow's local store, and against servers that fail or never answer."""
 
 from __future__ import annotations
 
 import logging
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
 
+import pytest
 from mlflow import MlflowClient
 
 from config import load_settings
-from tests.conftest import free_port
+from tests.conftest import ROOT, free_port
 from tracking import Tracker
 from utils import Redactor
 
@@ -32,8 +40,14 @@ def test_prepared_start_makes_the_run_and_a_restart_continues_it(tmp_path):
     first.prepare()
     first.start()
     assert first.active and first.run_id
-    first.log_metrics({"mAP50": 0.5}, step=1)
+    first.log_params({"epochs": 3, "lr0": 0.01})
+    for step in (1, 2, 3):
+        first.log_metrics({"mAP50": 0.1 * step, "mAP@0.5": 0.1}, step=step)  # the second name MLflow refuses
     first.finish("KILLED")  # a pod stopped: the job starts again
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(first.run_id, "mAP50")] == [(1, 0.1), (2, 0.2),
+                                                                                             (3, 0.1 * 3)]
+    assert client.get_run(first.run_id).data.params == {"epochs": "3", "lr0": "0.01"}
 
     again = Tracker(settings, Redactor([]))
     again.prepare()
@@ -49,9 +63,10 @@ def test_a_job_failing_before_its_run_starts_makes_no_run(tmp_path):
     settings = settings_for(tmp_path, job="t-bad-dataset")
     tracker = Tracker(settings, Redactor([]))
     tracker.prepare()
+    assert tracker.flush(60)  # the lookup is done
     tracker.finish("FAILED")  # what report_failure does
-    tracker._preparing.join(30)
     assert job_runs(settings) == [] and tracker.run_id is None
+    assert tracker._worker.proc.wait(5) is not None  # no helper process is left behind
 
 
 def test_a_lookup_that_failed_switches_tracking_off_at_start(tmp_path, monkeypatch, caplog):
@@ -65,3 +80,70 @@ def test_a_lookup_that_failed_switches_tracking_off_at_start(tmp_path, monkeypat
     assert "MLflow: failed to start" in caplog.text
     tracker.log_metrics({"mAP50": 0.5}, step=1)  # ignored, no error
     tracker.finish("FAILED")
+
+
+@pytest.fixture
+def silent_server():
+    """An HTTP server that accepts connections and never answers (a hung MLflow server)."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    accepted, done = [], threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not done.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    threading.Thread(target=accept, daemon=True).start()
+    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    done.set()
+    for conn in accepted:
+        conn.close()
+    listener.close()
+
+
+def test_a_hung_server_never_makes_the_training_thread_wait(tmp_path, silent_server, monkeypatch, caplog):
+    """Numbers are queued to the helper process: logging returns at once although the server never
+    answers, and ending the run is bounded by END_TIMEOUT."""
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "60")
+    monkeypatch.setattr(Tracker, "END_TIMEOUT", 1.0)
+    tracker = Tracker(settings_for(tmp_path, MLFLOW_TRACKING_URI=silent_server), Redactor([]))
+    tracker.run_id, tracker.experiment_id, tracker.active = "run1", "1", True  # as after start
+    started = time.monotonic()
+    tracker.log_params({"epochs": 3})
+    for step in (1, 2, 3):
+        tracker.log_metrics({"mAP50": 0.1 * step}, step=step)
+    assert time.monotonic() - started < 5  # a call that waited would take the 60 s timeout
+    assert not tracker.flush(0.5)
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        tracker.finish("FINISHED")
+    assert time.monotonic() - started < 20
+    assert "numbers still queued after 1 s are not logged" in caplog.text
+    assert "MLflow: failed to end the run (no answer in time)" in caplog.text
+    assert tracker._worker.proc.wait(30) == 0  # the helper gives up on its own (mlflow_worker.END_WAIT)
+
+
+def test_a_trainer_killed_outright_leaves_no_run_running(tmp_path):
+    """SIGKILL (out of memory, a node lost) gives the trainer no chance to end its run: the helper
+    process sees its pipe close and ends the run KILLED."""
+    settings = settings_for(tmp_path, job="t-killed")
+    script = (
+        "import os, signal, sys\n"
+        "from config import load_settings\nfrom tracking import Tracker\nfrom utils import Redactor\n"
+        f"settings = load_settings({{'JOB_ID': 't-killed', 'DATASET_ID': 'd', 'STORAGE_TYPE': 'local', "
+        f"'WORK_DIR': {str(tmp_path)!r}}})\n"
+        "tracker = Tracker(settings, Redactor([]))\ntracker.prepare()\ntracker.start()\n"
+        "tracker.log_metrics({'mAP50': 0.5}, step=1)\nassert tracker.flush(60)\n"
+        "print(tracker.run_id, flush=True)\nos.kill(os.getpid(), signal.SIGKILL)\n")
+    result = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == -signal.SIGKILL, result.stderr
+    run_id = result.stdout.strip()
+    client = MlflowClient(settings.mlflow_tracking_uri)
+    deadline = time.monotonic() + 30
+    while client.get_run(run_id).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.5)
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED" and run.data.metrics == {"mAP50": 0.5}
