@@ -47,7 +47,7 @@ WRAPPED = [
     (backend.Backend, "poll_health_now"), (backend.Backend, "close"), (reporting, "epoch_report"),
     (tracking.Tracker, "start"), (tracking.Tracker, "log_params"), (tracking.Tracker, "log_metrics"),
     (tracking.Tracker, "log_artifacts"), (tracking.Tracker, "finish"),
-    (train, "load_settings"), (train, "prepare_ultralytics"), (train, "completed_before"), (train, "prepare_run"),
+    (train, "load_settings"), (train, "prepare_training"), (train, "completed_before"), (train, "prepare_run"),
     (train, "download_dataset"), (datasets, "extract_archive"), (train, "resolve_model"), (train, "resolve_task"),
     (train, "check_dataset_or_fail"), (train, "train_model"), (train, "upload_outputs"), (train, "mark_completed"),
     (train, "log_run_artifacts"), (train, "upload_event_log"), (cache, "remove_job_files"),
