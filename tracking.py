@@ -35,6 +35,7 @@ from utils import Redactor
 LOGGER = logging.getLogger("trainer")
 
 MLFLOW_NAME = re.compile(r"[\w\-. :/]+")  # the characters MLflow accepts in a metric name
+_STARTING = threading.Lock()
 
 
 class Tracker:
@@ -80,9 +81,19 @@ class Tracker:
         return request
 
     def _send(self, request: dict, answer: bool = False) -> Future | None:
-        if self._worker is None:
-            self._configure()
-            self._worker = _WorkerProcess(self.settings.mlflow_tracking_uri, self.redact, self._off)
+        with _STARTING:  # one helper per process, whichever thread calls first (a DDP worker's)
+            if self._worker is None:
+                self._configure()
+                try:
+                    self._worker = _WorkerProcess(self.settings.mlflow_tracking_uri, self.redact, self._off)
+                except Exception as e:  # tracking never fails training
+                    error = WorkerError(f"cannot start MLflow's helper process: {type(e).__name__}: {e}")
+                    if not answer:
+                        self._off(request.get("action", request["op"]), error)
+                        return None
+                    future: Future = Future()
+                    future.set_exception(error)
+                    return future
         return self._worker.send(request, answer)
 
     def _ask(self, request: dict, timeout: float | None = None):

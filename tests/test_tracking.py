@@ -147,3 +147,16 @@ def test_a_trainer_killed_outright_leaves_no_run_running(tmp_path):
         time.sleep(0.5)
     run = client.get_run(run_id)
     assert run.info.status == "KILLED" and run.data.metrics == {"mAP50": 0.5}
+
+
+def test_a_helper_process_that_cannot_start_switches_tracking_off(tmp_path, monkeypatch, caplog):
+    """Tracking never fails training, not even when its helper process cannot be started."""
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "no-such-python"))
+    tracker = Tracker(settings_for(tmp_path), Redactor([]))
+    with caplog.at_level(logging.WARNING, logger="trainer"):
+        tracker.prepare()
+        tracker.start()
+        tracker.log_metrics({"mAP50": 0.5}, step=1)
+        tracker.finish("FAILED")
+    assert not tracker.active and tracker.run_id is None
+    assert "cannot start MLflow's helper process: FileNotFoundError" in caplog.text
