@@ -14,9 +14,10 @@ weights -> start the MLflow run -> train, reporting every epoch -> upload checkp
 `cancelled`) with a redacted message and exits with the contract's code (see README, "Exit codes").
 
 The pieces live one concern per module: config (settings), storage, backend (callbacks),
-datasets, archives, dataset_check, models, tracking (MLflow, through its helper process mlflow_worker), reporting (Ultralytics callbacks,
-checkpoint uploads, the stop signal), resume, validation (the per-epoch bodies), cache (WORK_DIR),
-evaluation, exports and registry (what people deploy, after training).
+datasets, archives, dataset_check, models, tracking (MLflow, through its helper process
+mlflow_worker), reporting (Ultralytics callbacks, checkpoint uploads, the stop signal), resume,
+validation (the per-epoch bodies), cache (WORK_DIR), evaluation, exports and registry (what people
+deploy, after training).
 """
 
 from __future__ import annotations
