@@ -163,7 +163,8 @@ def ultralytics_argument_names() -> set[str]:
 
 def train_arg_name_problems(args: dict, work_dir: Path | None = None) -> list[str]:
     """TRAIN_ARGS keys Ultralytics does not know, with the closest names it does: checked with the
-    configuration, before anything is downloaded (a misspelt key is the common mistake)."""
+    configuration, before anything is downloaded (a misspelt key is the common mistake). `work_dir`
+    is unused: the signature is load_settings' check_train_args'."""
     known = ultralytics_argument_names()
     problems = []
     for key in args:

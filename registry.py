@@ -10,8 +10,7 @@ Any failure logs one warning and the job goes on: tracking never fails training.
 Environment (through Settings): MLFLOW_LOG_MODEL, MLFLOW_REGISTERED_MODEL_NAME, MLFLOW_TRACKING_URI,
 and IMGSZ, CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET, PREDICT_BATCH as the model's prediction settings.
 Imports: utils, config, validation; mlflow (about 2 s) inside the functions that log (`preload_mlflow`
-imports it as training ends). pyfunc_model.py is
-not imported here: MLflow logs the file.
+imports it as training ends). pyfunc_model.py is not imported here: MLflow logs the file.
 """
 
 from __future__ import annotations
@@ -45,7 +44,7 @@ def log_trained_model(settings: Settings, tracker, weights: Path, task: str, met
     `registered_model_version` once registered. Never raises.
     """
     name = settings.registered_model_name
-    if not (settings.mlflow_log_model or name) or not tracker.run_id or not tracker.active or should_stop():
+    if not logs_model(settings) or not tracker.run_id or not tracker.active or should_stop():
         return {}
     fields = {}
     try:
@@ -62,6 +61,10 @@ def log_trained_model(settings: Settings, tracker, weights: Path, task: str, met
     return fields
 
 
+def logs_model(settings: Settings) -> bool:
+    return bool(settings.mlflow_log_model or settings.registered_model_name)
+
+
 _preloading: list = []
 
 
@@ -70,7 +73,7 @@ def preload_mlflow(settings: Settings) -> None:
     epoch is saved, beside the final validation), when the model is to be logged: the trainer's
     other MLflow calls are made in its helper process (tracking.py), so nothing has imported MLflow
     in this one. Once per process; `log_pyfunc_model`'s import waits for it."""
-    if (settings.mlflow_log_model or settings.registered_model_name) and not _preloading:
+    if logs_model(settings) and not _preloading:
         _preloading.append(in_background(importlib.import_module, "mlflow"))
 
 

@@ -70,15 +70,12 @@ class Tracker:
         experiment and run on another core while the job downloads its dataset and imports torch.
         `start` then only makes or continues the run. Nothing is created for a job that fails before
         it starts (a bad dataset), apart from the experiment."""
-        self._lookup_request("prepare")
+        self._send(self._lookup_request("prepare"))
 
     def _lookup_request(self, op: str) -> dict:
         s = self.settings
-        request = {"op": op, "experiment": s.mlflow_experiment, "artifact_location": artifact_location(s),
-                   "job_id": s.job_id, "project_id": s.project_id}
-        if op == "prepare":
-            self._send(request)
-        return request
+        return {"op": op, "experiment": s.mlflow_experiment, "artifact_location": artifact_location(s),
+                "job_id": s.job_id, "project_id": s.project_id}
 
     def _send(self, request: dict, answer: bool = False) -> Future | None:
         with _STARTING:  # one helper per process, whichever thread calls first (a DDP worker's)

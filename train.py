@@ -84,10 +84,10 @@ OUTPUT_SUFFIXES = {".csv", ".png", ".jpg", ".yaml"}  # run outputs uploaded besi
 def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: Tracker, reporter: EpochReporter,
               stop: StopSignal, started: float) -> None:
     """The job's steps, from `running` to `completed` (raises on any failure)."""
-    # The heavy imports overlap the storage lookups and the dataset's download and check, on helper
-    # threads: MLflow's (and its lookups), and torch's and Ultralytics' (about 4 s), which a job whose
-    # dataset is refused never waits for. TRAIN_ARGS' values are checked by Ultralytics once it is
-    # imported (their names were checked with the configuration).
+    # The heavy imports overlap the storage lookups and the dataset's download and check: torch's and
+    # Ultralytics' (about 4 s) on a helper thread, MLflow's (and its lookups) in MLflow's helper process;
+    # a job whose dataset is refused waits for neither. TRAIN_ARGS' values are checked by Ultralytics
+    # once it is imported (their names were checked with the configuration).
     offline_environment(settings.work_dir)  # before anything imports Ultralytics (torch.load of a checkpoint)
     ultralytics_ready = in_background(prepare_training, settings)
     tracker.prepare()  # MLflow's import and lookups, in its own process
