@@ -107,15 +107,17 @@ def stop_workers() -> None:
             child.terminate()
 
 
-def checkpoint_problem(path: Path) -> str | None:
+def checkpoint_problem(path: Path, whole: bool = True) -> str | None:
     """Why a checkpoint file must not replace the one in storage, or None. torch saves a zip archive
     whose directory is written last: a half-written file has none, a damaged one fails its CRCs.
-    Checked whole, without unpickling (which would run code from the file)."""
+    Checked without unpickling (which would run code from the file): the directory, and with
+    `whole` every entry's CRC (reading the file through; the per-epoch uploads skip that, see
+    CheckpointUploader)."""
     import zipfile
 
     try:
         with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip()
+            bad = zf.testzip() if whole else None
     except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
         return f"not a complete checkpoint ({type(e).__name__}: {e})"
     return f"a damaged checkpoint (entry {bad} fails its CRC)" if bad else None
@@ -126,7 +128,11 @@ class CheckpointUploader:
 
     `submit` copies each file to a staging folder first (Ultralytics rewrites last.pt in
     place each epoch), and a newer copy of a file replaces an older one still waiting: uploads
-    never pile up and never run twice at once for the same file.
+    never pile up and never run twice at once for the same file. Each upload is one request
+    (`Storage.upload(in_one=True)`), and a checkpoint is checked for completeness by its zip
+    directory, not by reading it whole: the file was written by this job a moment before, and a
+    cut-off one (a worker stopped while writing) has no directory. Every epoch's work here shares
+    the CPU with training; the final files are checked whole (train.upload_outputs).
     """
 
     def __init__(self, storage: Storage, settings: Settings, backend: Backend,
@@ -200,12 +206,12 @@ class CheckpointUploader:
                                               self.storage.locate(self.prefix + name))
                             uploaded.append(name)
                         continue
-                    if name.endswith(".pt") and (problem := checkpoint_problem(staged)):
+                    if name.endswith(".pt") and (problem := checkpoint_problem(staged, whole=False)):
                         LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
                         continue
                     if name == "last.pt" and self.before_last:
                         self.before_last()
-                    self.storage.upload(staged, self.storage.locate(self.prefix + name))
+                    self.storage.upload(staged, self.storage.locate(self.prefix + name), in_one=True)
                     uploaded.append(name)
                 except Exception as e:  # the final upload at the end tries again
                     LOGGER.warning("background upload of %s failed: %s", name, e)

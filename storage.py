@@ -108,6 +108,7 @@ class Storage:
     STREAM_BELOW = 8 * 1024 * 1024  # objects under boto3's multipart threshold: one streamed GET
     THREADS = 10  # boto3's own concurrency for one object's parts
     COPY_IN_ONE = 5 * 1024**3  # S3's limit for a server-side copy in one CopyObject request
+    PUT_IN_ONE = 5 * 1024**3  # S3's limit for one PutObject request
 
     def __init__(self, settings: StorageSettings, interrupt: Callable[[], None] | None = None):
         self.settings = settings
@@ -249,12 +250,15 @@ class Storage:
         return dest
 
     @classmethod
-    def _parts(cls, size: int):
+    def _parts(cls, size: int, in_one: bool = False):
         """boto3's transfer settings for an object of `size` bytes: about one part per thread, parts of
         8 to 64 MB (boto3's fixed 8 MB parts make a 300 MB archive 38 requests, each with its own
-        latency; s5cmd uses 50 MB parts). Measured in docs/performance.md."""
+        latency; s5cmd uses 50 MB parts), or with `in_one` one request up to PUT_IN_ONE. Measured in
+        docs/performance.md."""
         from boto3.s3.transfer import TransferConfig
 
+        if in_one and size <= cls.PUT_IN_ONE:
+            return TransferConfig(multipart_threshold=cls.PUT_IN_ONE + 1, max_concurrency=1)
         mb = 1024 * 1024
         part = min(64 * mb, max(cls.STREAM_BELOW, -(-size // cls.THREADS // mb) * mb))
         return TransferConfig(multipart_threshold=cls.STREAM_BELOW, multipart_chunksize=part,
@@ -359,11 +363,15 @@ class Storage:
         stamp.write_text(info.etag)
         return dest
 
-    def upload(self, path: Path, loc: Location) -> str:
+    def upload(self, path: Path, loc: Location, in_one: bool = False) -> str:
         """Upload a file and verify what the store holds (size, and MD5 where the ETag is one).
 
         Readers see the old object or the whole new one, never a part: S3 replaces objects
-        atomically, and the local store writes a temporary file and renames it.
+        atomically, and the local store writes a temporary file and renames it. Files of 8 MB or
+        more go up in parts side by side, unless `in_one`: one PutObject request up to S3's 5 GB
+        limit, for uploads whose duration does not count (the per-epoch checkpoints, in the
+        background), as it is the least work for the store and this machine (a 52 MB file: half
+        the store's CPU of the parts; docs/performance.md).
         """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
@@ -372,7 +380,7 @@ class Storage:
         previous = None
         for attempt in (1, 2):
             with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size),
+                self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size, in_one),
                                      Callback=self._progress("uploading", loc, size))
             stored = self.head(loc)
             if stored is None or stored.size != size:

@@ -3,7 +3,7 @@ the same arguments, both as whole processes, alternating, medians (issue 13's ta
 
     python -m bench.overhead_bench [--pairs 3] [--epochs 8] [--train 24] [--val 8] [--imgsz 64]
         [--batch 8] [--workers N] [--model yolo11n.yaml] [--mlflow server|sqlite] [--fresh-work-dir]
-        [--direct] [--probe]
+        [--direct] [--probe] [--set KEY=VALUE ...]
     python -m bench.overhead_bench --pairs 1 --epochs 3 --no-warmup      # a quick check
 
 Services, each its own process (group), started once and stopped at the end:
@@ -333,6 +333,8 @@ def trainer_run(n: int, args, work: Path, services: Services, archive: Path, env
                "MLFLOW_EXPERIMENT_NAME": "overhead-bench"}
     if services.mlflow_uri:
         job_env["MLFLOW_TRACKING_URI"] = services.mlflow_uri
+    job_env.update(args.set)  # --set: an ablation (a variable changed, or unset with KEY=)
+    job_env = {k: v for k, v in job_env.items() if v != ""}
     cmd = [sys.executable, str(ROOT / "train.py")]
     if probe:
         cmd, job_env["BENCH_PROBE_OUT"] = [sys.executable, "-m", "bench.trainer_probe"], str(probe)
@@ -341,11 +343,19 @@ def trainer_run(n: int, args, work: Path, services: Services, archive: Path, env
     run = run_process("train.py", cmd, job_env, work, csv, work / "logs" / f"trainer-{n}{'-probe' if probe else ''}.log",
                       args.timeout)
     run.uploads = uploads_of(services.record, run)
-    check_callbacks(services.callbacks, job, args.epochs, run)
+    if job_env.get("CALLBACK_URL"):
+        check_callbacks(services.callbacks, job, args.epochs, run)
     services.s3.delete_object(Bucket=BUCKET, Key=key)
     if args.fresh_work_dir:
         shutil.rmtree(work_dir, ignore_errors=True)
     return run
+
+
+def variable(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return key, value
 
 
 def check_callbacks(record: Path, job: str, epochs: int, run: Run) -> None:
@@ -417,7 +427,8 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
           f"{args.model} on the CPU, {args.train} train + {args.val} val images at imgsz {args.imgsz}, batch {args.batch}, "
           f"workers {args.workers}, {args.epochs} epochs; MLflow {args.mlflow}; S3: moto"
           f"{' (direct)' if args.direct else ' behind the counting proxy'}; "
-          f"median of {len(ours)} train.py and {len(plain)} plain runs, alternating; load before: {load}\n")
+          f"median of {len(ours)} train.py and {len(plain)} plain runs, alternating; load before: {load}"
+          + "".join(f"; {k}={v!r} for train.py" for k, v in args.set) + "\n")
     print("| measure | plain Ultralytics | train.py | train.py vs plain | target | met |")
     print("| --- | ---: | ---: | ---: | --- | --- |")
 
@@ -491,6 +502,10 @@ def report_probe(probe: Path, epochs: int, exited: float) -> None:
     for name in sorted(last["threads"], key=lambda k: -(last["threads"][k] - first["threads"].get(k, 0))):
         print(f"| {name} | {(last['threads'][name] - first['threads'].get(name, 0)) / n:.3f} |")
     print(f"| whole process | {(last['process'] - first['process']) / n:.3f} |")
+    if "gc_seconds" in last:
+        counts = [b - a for a, b in zip(first["gc_collections"], last["gc_collections"])]
+        print(f"\nGarbage collector's pauses: {(last['gc_seconds'] - first['gc_seconds']) / n:.3f} s per epoch "
+              f"({'/'.join(str(c) for c in counts)} collections of generations 0/1/2 over {n} epochs)")
 
 
 def main() -> None:
@@ -511,6 +526,9 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="train.py talks to moto directly: no byte counts")
     parser.add_argument("--probe", action="store_true",
                         help="one more train.py run through bench/trainer_probe.py: where its time goes, by function")
+    parser.add_argument("--set", type=variable, action="append", default=[], metavar="KEY=VALUE",
+                        help="a variable for train.py (repeatable; KEY= unsets it): to see what one part costs, "
+                             "e.g. --set CALLBACK_URL= --set CHECKPOINT_INTERVAL=1000")
     parser.add_argument("--timeout", type=float, default=600, help="seconds before a run is killed")
     parser.add_argument("--workdir", type=Path, help="keep logs and files here (default: a temporary folder)")
     args = parser.parse_args()

@@ -7,7 +7,8 @@ run per epoch (Ultralytics hooks, checkpoint staging, checks and uploads, backen
 and its setup and finishing steps. Each wrapper adds the wall time and the calling thread's CPU
 time (time.thread_time) to a (function, thread) total. At every epoch end it also samples each
 thread's CPU from /proc/self/task, so per-epoch CPU can be split between the training thread, the
-trainer's helper threads and the rest (torch's worker pool). Writes the totals as JSON to
+trainer's helper threads and the rest (torch's worker pool), and the garbage collector's pauses
+so far (timed through gc.callbacks). Writes the totals as JSON to
 BENCH_PROBE_OUT; bench/overhead_bench.py --probe runs it and prints the tables. Timing wrappers
 cost microseconds per call; the figures are for finding where time goes, not for the targets.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import faulthandler
 import functools
+import gc
 import json
 import os
 import sys
@@ -56,6 +58,15 @@ WRAPPED = [
 STATS: dict[tuple[str, str], list[float]] = {}  # (function, thread) -> [calls, wall, cpu]
 EPOCHS: list[dict] = []  # per epoch end: {"wall": t, "threads": {name: cpu}, "process": cpu}
 LOCK = threading.Lock()
+GC = {"seconds": 0.0, "collections": [0, 0, 0], "started": 0.0}  # the garbage collector's pauses, all threads
+
+
+def time_collections(phase: str, info: dict) -> None:
+    if phase == "start":
+        GC["started"] = time.perf_counter()
+    else:
+        GC["seconds"] += time.perf_counter() - GC["started"]
+        GC["collections"][info["generation"]] += 1
 
 
 def wrap(owner, name: str) -> None:
@@ -97,12 +108,14 @@ def sample_epoch(fn):
     @functools.wraps(fn)
     def hook(self, trainer):
         EPOCHS.append({"epoch": trainer.epoch + 1, "wall": time.time(), "threads": thread_cpu(),
-                       "process": time.process_time()})
+                       "process": time.process_time(), "gc_seconds": GC["seconds"],
+                       "gc_collections": list(GC["collections"])})
         return fn(self, trainer)
     return hook
 
 
 def main() -> int:
+    gc.callbacks.append(time_collections)
     train.EpochReporter.on_fit_epoch_end = sample_epoch(train.EpochReporter.on_fit_epoch_end)
     for owner, name in WRAPPED:
         wrap(owner, name)

@@ -9,7 +9,7 @@ import torch
 
 from backend import Backend
 from config import BackendSettings, load_settings
-from reporting import CheckpointUploader
+from reporting import CheckpointUploader, checkpoint_problem
 from storage import Storage
 from tests.conftest import ACCESS_KEY, SECRET_KEY, spawn_server, storage_env, with_group
 from utils import Redactor
@@ -29,7 +29,7 @@ def test_best_pt_written_from_the_same_bytes_as_last_pt_is_copied_in_storage_not
                                       Redactor([ACCESS_KEY, SECRET_KEY])), on_stored=stored.append)
         weights = tmp_path / "weights"
         weights.mkdir()
-        torch.save({"epoch": 0, "blob": torch.zeros(3_000_000)}, weights / "last.pt")  # about 12 MB: multipart
+        torch.save({"epoch": 0, "blob": torch.zeros(3_000_000)}, weights / "last.pt")  # about 12 MB
         (weights / "best.pt").write_bytes((weights / "last.pt").read_bytes())  # as Ultralytics writes them
         uploader.submit({"last.pt": weights / "last.pt", "best.pt": weights / "best.pt"}, 1, {"best.pt": "last.pt"})
         assert uploader.wait(60) and stored == [1]
@@ -41,6 +41,8 @@ def test_best_pt_written_from_the_same_bytes_as_last_pt_is_copied_in_storage_not
             for name in ("last.pt", "best.pt")}
     size = (weights / "last.pt").stat().st_size
     assert sent == {"last.pt": size, "best.pt": 0}  # one checkpoint's worth of bytes, not two
+    # in one request, though above the multipart threshold: the per-epoch upload is the least work for the store
+    assert [p[2] for p in puts if p[2].startswith(prefix + "last.pt")] == [prefix + "last.pt"]
     assert any(p[2].split("?")[0] == prefix + "best.pt" and p[-1] == "copy" for p in puts)
     for name in ("last.pt", "best.pt"):
         body = s3.get_object(Bucket=bucket, Key=f"checkpoints/job-{job}/{name}")["Body"].read()
@@ -58,9 +60,9 @@ def test_a_newer_last_pt_never_lends_its_bytes_to_an_older_best_pt_waiting_to_be
     gate = threading.Event()
     slow_upload = storage.upload
 
-    def upload(path, loc):  # the store is slow: nothing goes up until the gate opens
+    def upload(path, loc, **kwargs):  # the store is slow: nothing goes up until the gate opens
         gate.wait(30)
-        return slow_upload(path, loc)
+        return slow_upload(path, loc, **kwargs)
 
     storage.upload = upload
     uploader = CheckpointUploader(storage, settings, Backend(BackendSettings(url=None), Redactor([])))
@@ -79,6 +81,22 @@ def test_a_newer_last_pt_never_lends_its_bytes_to_an_older_best_pt_waiting_to_be
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
+
+
+def test_a_checkpoint_is_checked_by_its_directory_each_epoch_and_by_its_crcs_at_the_end(tmp_path):
+    good = tmp_path / "good.pt"
+    torch.save({"epoch": 1, "blob": torch.arange(100_000, dtype=torch.float32)}, good)
+    data = good.read_bytes()
+    assert checkpoint_problem(good) is None and checkpoint_problem(good, whole=False) is None
+    cut = tmp_path / "cut.pt"
+    cut.write_bytes(data[: len(data) // 2])  # a writer stopped half-way: no zip directory at the end
+    assert "not a complete checkpoint" in checkpoint_problem(cut, whole=False)
+    assert "not a complete checkpoint" in checkpoint_problem(cut)
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 0xFF  # a damaged byte inside the tensor data: only the CRCs see it
+    (tmp_path / "flipped.pt").write_bytes(bytes(flipped))
+    assert checkpoint_problem(tmp_path / "flipped.pt", whole=False) is None
+    assert "fails its CRC" in checkpoint_problem(tmp_path / "flipped.pt")
 
 
 def _checkpoint(path, epoch: int):
@@ -169,3 +187,6 @@ def test_large_transfers_use_about_one_part_per_thread():
     mb = 1024 * 1024
     parts = {size: Storage._parts(size * mb).multipart_chunksize // mb for size in (9, 25, 80, 300, 2000)}
     assert parts == {9: 8, 25: 8, 80: 8, 300: 30, 2000: 64}  # boto3's 8 MB floor, 64 MB cap
+    one = Storage._parts(450 * mb, in_one=True)  # yolo11x's per-epoch checkpoint: one PutObject
+    assert one.multipart_threshold > 450 * mb and one.max_request_concurrency == 1
+    assert Storage._parts(6 * 1024 * mb, in_one=True).multipart_chunksize == 64 * mb  # over S3's 5 GB PUT: parts
