@@ -145,7 +145,7 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
         raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: {e}") from None
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
-    model.add_callback("on_train_start", freeze_long_lived_objects)
+    model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
     device = settings.device or default_device()
     if "," not in device:  # MLflow for logging the model is imported beside the final validation (not in DDP workers)
         model.add_callback("on_fit_epoch_end", lambda t: preload_mlflow(settings) if t.epoch + 1 >= t.epochs else None)
@@ -176,12 +176,15 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
 
 
 def freeze_long_lived_objects(_trainer) -> None:
-    """Training is about to start: what exists now (modules, the model, its data loaders, the
-    clients) lives until the job ends. `gc.freeze` takes it out of the garbage collector's sight:
+    """After the first epoch this process trains, what exists (modules, the model, its data loaders,
+    the clients) lives until the job ends. `gc.freeze` takes it out of the garbage collector's sight:
     the full collections Python makes every few epochs walked some 650,000 such objects, a pause of
     the training thread of 0.3-0.5 s each (0.08 s per epoch on the bench machine, about 8%). What
-    training allocates from now on is collected as before."""
-    gc.freeze()
+    training allocates from then on is collected as before. Once, and not before the first epoch
+    ends: Ultralytics rebuilds its data pipeline when the first epoch runs out of GPU memory, and a
+    replaced dataset (its transforms refer back to it, a cycle) must stay collectable."""
+    if not gc.get_freeze_count():
+        gc.freeze()
 
 
 def upload_outputs(storage: Storage, settings: Settings, trainer, reporter: EpochReporter) -> dict:

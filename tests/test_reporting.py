@@ -190,3 +190,23 @@ def test_large_transfers_use_about_one_part_per_thread():
     one = Storage._parts(450 * mb, in_one=True)  # yolo11x's per-epoch checkpoint: one PutObject
     assert one.multipart_threshold > 450 * mb and one.max_request_concurrency == 1
     assert Storage._parts(6 * 1024 * mb, in_one=True).multipart_chunksize == 64 * mb  # over S3's 5 GB PUT: parts
+
+
+def test_the_objects_alive_after_the_first_epoch_are_frozen_once_and_later_garbage_stays_collectable():
+    import gc
+
+    import train
+
+    assert gc.get_freeze_count() == 0
+    try:
+        train.freeze_long_lived_objects(None)  # Ultralytics' on_train_epoch_end, first epoch
+        frozen = gc.get_freeze_count()
+        assert frozen > 10_000
+        cycle: list = []
+        cycle.append(cycle)  # what a later epoch leaves behind
+        train.freeze_long_lived_objects(None)  # every later epoch: nothing more is frozen
+        assert gc.get_freeze_count() == frozen
+        del cycle
+        assert gc.collect() >= 1
+    finally:
+        gc.unfreeze()
