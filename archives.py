@@ -60,13 +60,17 @@ def extract_archive(archive: Path, dest: Path, max_bytes: int = 10**14, max_file
         if zipfile.is_zipfile(archive):
             with _open_zip(archive, unbuffered=landed is not None) as zf:
                 infos = zf.infolist()
-                if len(infos) > max_files:
-                    raise BadInput(f"{archive.name} holds {len(infos)} entries (files and folders), more than "
-                                   f"DATASET_MAX_FILES={max_files}")
-                entries = [(info, info.filename, safe_target(root, info.filename), _zip_kind(info)) for info in infos]
-                _check_entries(archive, root, entries)
-                _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"], max_bytes,
-                            reserve=landed.size if landed else 0)  # the archive lands beside it
+                try:  # on the directory alone: a zip still downloading is refused before its entries land
+                    if len(infos) > max_files:
+                        raise BadInput(f"{archive.name} holds {len(infos)} entries (files and folders), more than "
+                                       f"DATASET_MAX_FILES={max_files}")
+                    entries = [(info, info.filename, safe_target(root, info.filename), _zip_kind(info))
+                               for info in infos]
+                    _check_entries(archive, root, entries)
+                    _check_caps(archive, dest, [i.file_size for i, _, _, kind in entries if kind == "file"],
+                                max_bytes, reserve=landed.size if landed else 0)  # the archive lands beside it
+                except BadInput as e:
+                    raise DirectoryRefused(str(e)) from None
                 budget = _Budget(archive, max_bytes)
                 files = []
                 for info, name, target, kind in entries:
@@ -350,6 +354,12 @@ def _check_caps(archive: Path, dest: Path, sizes: list[int], max_bytes: int, res
         also = f" (and the archive itself, {human_size(reserve)}, is still downloading)" if reserve else ""
         raise NotEnoughDisk(f"{archive.name} expands to {human_size(total)}{also} but only {human_size(free)} "
                             f"is free in {dest.parent}")
+
+
+class DirectoryRefused(BadInput):
+    """A zip refused on its central directory alone (an entry's name or kind, the entry count, the
+    declared size), before any entry's bytes were read: for a zip still downloading, the rest of it
+    is of no use (zipstream stops the download)."""
 
 
 class NotEnoughDisk(TransientError):

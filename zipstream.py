@@ -10,7 +10,10 @@ The archive is still verified whole (size, and checksum where the store gives on
 extracted folder is put in place. Anything unexpected on this path falls back to the plain one,
 whose result or error is the definitive one: a zip whose end cannot be parsed, or a failed or
 mismatched download, is downloaded again whole, then extracted; an extraction that failed on an
-archive downloaded and verified is run again on it. Only a stop (Cancelled) is raised as it is.
+archive downloaded and verified is run again on it. Only a stop (Cancelled) is raised as it is,
+and a refusal on the zip's directory alone (archives.DirectoryRefused: an entry's name or kind, the
+entry count, the declared size) once a second read of the directory gives the same bytes: the
+download is stopped then, so a refused archive of any size costs about its directory's reads.
 Imports: utils, storage, archives.
 """
 
@@ -26,7 +29,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from storage import Location, ObjectInfo, Storage
-from archives import NotEnoughDisk
+from archives import DirectoryRefused, NotEnoughDisk
 from utils import Cancelled, TransientError, human_size
 
 LOGGER = logging.getLogger("trainer")
@@ -105,6 +108,10 @@ class Landed:
                 yield items[j]
 
 
+class Abandoned(Exception):
+    """Raised into boto3's download by LandingFile.write once the archive is refused."""
+
+
 class LandingFile:
     """What boto3's download writes through: an unbuffered file (the bytes are in the page cache,
     visible to the extraction's mapping, the moment write returns) that records each range."""
@@ -112,6 +119,7 @@ class LandingFile:
     def __init__(self, raw, landed: Landed):
         self._raw, self._landed, self._pos = raw, landed, 0
         self.written = Landed()  # what the download itself wrote (the file is laid out at full size)
+        self.abandon = threading.Event()  # set: the next write ends the download (Abandoned)
 
     def seekable(self) -> bool:
         return True
@@ -124,6 +132,8 @@ class LandingFile:
         return self._pos
 
     def write(self, data) -> int:
+        if self.abandon.is_set():
+            raise Abandoned("the archive was refused; its download is stopped")
         view, start = memoryview(data), self._pos
         while view:
             view = view[self._raw.write(view):]
@@ -166,6 +176,10 @@ def extract_while_downloading(storage: Storage, loc: Location, info: ObjectInfo,
         return
     except (Cancelled, NotEnoughDisk):  # a stop; a disk too small for the plain path as well
         raise
+    except DirectoryRefused as e:  # its directory, read twice the same, refuses it: the rest is not downloaded
+        LOGGER.info("%s is refused on its directory; the rest of it was not downloaded (%s landed of %s)",
+                    loc.name, human_size(sum(end - start for start, end in landed.ranges())), human_size(info.size))
+        raise e from None
     except Exception as e:
         downloaded = landed.done and landed.error is None  # whole and verified: only the extraction failed
         LOGGER.warning("extracting %s while it downloads failed (%s); %s", loc.name, f"{type(e).__name__}: {e}"[:300],
@@ -197,9 +211,10 @@ def _overlapped(storage: Storage, loc: Location, info: ObjectInfo, archive: Path
             view = view[os.pwrite(raw.fileno(), view, tail_start + len(tail) - len(view)):]
         landed.add(tail_start, info.size)
 
+        target = LandingFile(raw, landed)
+
         def download() -> None:
             try:
-                target = LandingFile(raw, landed)
                 storage.download_into(loc, info, target, archive)
                 if target.written.ranges() != [(0, info.size)]:  # the file was laid out at full size
                     raise TransientError(f"download of {storage.uri(loc)} is incomplete: it wrote "
@@ -212,6 +227,12 @@ def _overlapped(storage: Storage, loc: Location, info: ObjectInfo, archive: Path
         worker.start()
         try:
             extract(landed)
+        except DirectoryRefused:
+            target.abandon.set()  # the rest of the archive is of no use: the download stops at its next write
+            worker.join()
+            if storage.read_range(loc, tail_start, info.size, info.etag) != tail:  # definitive if read the same twice
+                raise TransientError(f"the directory of {storage.uri(loc)} read differently twice") from None
+            raise
         finally:
             worker.join()
     if landed.error is not None:

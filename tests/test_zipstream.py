@@ -121,6 +121,24 @@ def test_damaged_entry_falls_back_and_the_plain_path_gives_the_error(s3_server, 
     assert not [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")], "nothing left half-made"
 
 
+def test_a_zip_refused_on_its_directory_stops_downloading_and_is_not_fetched_again(s3_server, s3, bucket, small_parts,
+                                                                                    monkeypatch, tmp_path, caplog):
+    """An entry that would land outside the dataset folder refuses the archive from its directory
+    alone: its download stops there (not run to the end, then again whole by the plain path)."""
+    entries = {**dataset_entries(images=2000), "../outside.txt": b"x"}
+    data = zip_bytes(entries, zipfile.ZIP_STORED)  # about 12 MB: some 47 parts of 256 KB
+    s3.put_object(Bucket=bucket, Key="datasets/evil.zip", Body=data)
+    written: list[int] = []
+    write = zipstream.LandingFile.write
+    monkeypatch.setattr(zipstream.LandingFile, "write", lambda self, chunk: written.append(write(self, chunk)))
+    with caplog.at_level(logging.INFO, logger="trainer"), \
+            pytest.raises(BadInput, match=r"outside.txt' points outside the dataset folder"):
+        fetch(s3_server, bucket, "datasets/evil.zip", tmp_path)
+    assert sum(written) < len(data) / 2, f"{sum(written)} of {len(data)} bytes downloaded"
+    assert "refused on its directory" in caplog.text and "downloading it whole" not in caplog.text
+    assert not [p for p in (tmp_path / "datasets").iterdir() if not p.name.endswith(".lock")], "nothing left half-made"
+
+
 def test_a_file_named_zip_that_is_not_one_falls_back_to_a_clear_error(s3_server, s3, bucket, small_parts, tmp_path):
     s3.put_object(Bucket=bucket, Key="datasets/not.zip", Body=os.urandom(600_000))
     with pytest.raises(BadInput, match=r"not.zip\S* is not a zip or tar archive"):
