@@ -164,9 +164,10 @@ def registry_tags(settings: Settings, run_id: str, task: str, metrics: dict) -> 
 
 def shipped_modules(start: tuple[str, ...] = ("predict",)) -> list[Path]:
     """The trainer's own modules the pyfunc model imports, directly or not (followed through their
-    import statements), so the logged model carries the code it runs. Import lines are found by a
-    pattern, not by parsing (parsing the 19 modules took 0.35 s of the job's finish): a line that only
-    looks like an import ships one module more, never one less."""
+    import statements), so the logged model carries the code it runs. Import lines (a line that
+    starts with `import` or `from ... import`, as this project writes them) are found by a pattern,
+    not by parsing: parsing the 18 modules took 0.23 s of the job's finish. A test holds the result
+    equal to a walk of the parsed modules."""
     found: dict[str, Path] = {}
     todo = list(start)
     while todo:

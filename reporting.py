@@ -1,8 +1,8 @@
 """Ultralytics callbacks and the job's stop signal: what happens while Ultralytics trains.
 
 Owns: StopSignal (SIGTERM, SIGINT and the backend's cancellation, acted on at safe points, with
-one shutdown deadline), the background CheckpointUploader (checkpoints checked whole before they
-replace the stored ones), and EpochReporter, which turns each epoch into the contract's callbacks
+one shutdown deadline), the background CheckpointUploader (each epoch's checkpoints checked for
+completeness before they replace the stored ones), and EpochReporter, which turns each epoch into the contract's callbacks
 (sent once the epoch's last.pt is in storage) and MLflow points. The reporter survives
 Ultralytics' multi-GPU relaunch: it is pickled into the DDP workers, where it makes its own clients.
 Environment (through Settings): CHECKPOINT_INTERVAL, SHUTDOWN_TIMEOUT, VALIDATION_IMAGES,
@@ -128,11 +128,12 @@ class CheckpointUploader:
 
     `submit` copies each file to a staging folder first (Ultralytics rewrites last.pt in
     place each epoch), and a newer copy of a file replaces an older one still waiting: uploads
-    never pile up and never run twice at once for the same file. Each upload is one request
-    (`Storage.upload(in_one=True)`), and a checkpoint is checked for completeness by its zip
-    directory, not by reading it whole: the file was written by this job a moment before, and a
-    cut-off one (a worker stopped while writing) has no directory. Every epoch's work here shares
-    the CPU with training; the final files are checked whole (train.upload_outputs).
+    never pile up and never run twice at once for the same file. An upload is one request up to
+    Storage.PUT_IN_ONE_UP_TO (`Storage.upload(in_one=True)`), and a checkpoint is checked for
+    completeness by its zip directory, not by reading it whole: the file was written by this job a
+    moment before, and a cut-off one (a worker stopped while writing) has no directory. Every
+    epoch's work here shares the CPU with training; the final files are checked whole
+    (train.upload_outputs).
     """
 
     def __init__(self, storage: Storage, settings: Settings, backend: Backend,

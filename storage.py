@@ -108,7 +108,7 @@ class Storage:
     STREAM_BELOW = 8 * 1024 * 1024  # objects under boto3's multipart threshold: one streamed GET
     THREADS = 10  # boto3's own concurrency for one object's parts
     COPY_IN_ONE = 5 * 1024**3  # S3's limit for a server-side copy in one CopyObject request
-    PUT_IN_ONE = 5 * 1024**3  # S3's limit for one PutObject request
+    PUT_IN_ONE_UP_TO = 128 * 1024 * 1024  # upload(in_one=True): one request up to this size, parts above
 
     def __init__(self, settings: StorageSettings, interrupt: Callable[[], None] | None = None):
         self.settings = settings
@@ -253,12 +253,12 @@ class Storage:
     def _parts(cls, size: int, in_one: bool = False):
         """boto3's transfer settings for an object of `size` bytes: about one part per thread, parts of
         8 to 64 MB (boto3's fixed 8 MB parts make a 300 MB archive 38 requests, each with its own
-        latency; s5cmd uses 50 MB parts), or with `in_one` one request up to PUT_IN_ONE. Measured in
-        docs/performance.md."""
+        latency; s5cmd uses 50 MB parts), or with `in_one` one request up to PUT_IN_ONE_UP_TO.
+        Measured in docs/performance.md."""
         from boto3.s3.transfer import TransferConfig
 
-        if in_one and size <= cls.PUT_IN_ONE:
-            return TransferConfig(multipart_threshold=cls.PUT_IN_ONE + 1, max_concurrency=1)
+        if in_one and size <= cls.PUT_IN_ONE_UP_TO:
+            return TransferConfig(multipart_threshold=cls.PUT_IN_ONE_UP_TO + 1, max_concurrency=1)
         mb = 1024 * 1024
         part = min(64 * mb, max(cls.STREAM_BELOW, -(-size // cls.THREADS // mb) * mb))
         return TransferConfig(multipart_threshold=cls.STREAM_BELOW, multipart_chunksize=part,
@@ -368,10 +368,11 @@ class Storage:
 
         Readers see the old object or the whole new one, never a part: S3 replaces objects
         atomically, and the local store writes a temporary file and renames it. Files of 8 MB or
-        more go up in parts side by side, unless `in_one`: one PutObject request up to S3's 5 GB
-        limit, for uploads whose duration does not count (the per-epoch checkpoints, in the
-        background), as it is the least work for the store and this machine (a 52 MB file: half
-        the store's CPU of the parts; docs/performance.md).
+        more go up in parts side by side, unless `in_one`: one PutObject request up to
+        PUT_IN_ONE_UP_TO, for uploads in the background whose duration matters less (the per-epoch
+        checkpoints): half the store's CPU of the parts for a 52 MB file (docs/performance.md), but
+        one stream, and its MD5 ETag is verified with one more pass over the file. Larger files go
+        in parts all the same: the final upload waits for the one under way.
         """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))

@@ -146,6 +146,7 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
+    model.add_callback("on_train_end", lambda _: gc.unfreeze())  # what training leaves may be collected again
     device = settings.device or default_device()
     if "," not in device:  # MLflow for logging the model is imported beside the final validation (not in DDP workers)
         model.add_callback("on_fit_epoch_end", lambda t: preload_mlflow(settings) if t.epoch + 1 >= t.epochs else None)
@@ -177,13 +178,15 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
 
 def freeze_long_lived_objects(_trainer) -> None:
     """After the first epoch this process trains, what exists (modules, the model, its data loaders,
-    the clients) lives until the job ends. `gc.freeze` takes it out of the garbage collector's sight:
-    the full collections Python makes every few epochs walked some 650,000 such objects, a pause of
-    the training thread of 0.3-0.5 s each (0.08 s per epoch on the bench machine, about 8%). What
-    training allocates from then on is collected as before. Once, and not before the first epoch
-    ends: Ultralytics rebuilds its data pipeline when the first epoch runs out of GPU memory, and a
-    replaced dataset (its transforms refer back to it, a cycle) must stay collectable."""
+    the clients) lives until training ends. `gc.freeze` takes it out of the garbage collector's
+    sight: the full collections Python makes every few epochs walked some 650,000 such objects, a
+    pause of the training thread of 0.3-0.5 s each (0.08 s per epoch on the bench machine, about
+    8%). Once, after one full collection: garbage not collected yet would be frozen with the rest and
+    never freed (after the first epoch, because Ultralytics rebuilds its data pipeline when that
+    epoch runs out of GPU memory, and the replaced dataset, a reference cycle, must be freed). What
+    training allocates later is collected as before; `on_train_end` unfreezes everything."""
     if not gc.get_freeze_count():
+        gc.collect()
         gc.freeze()
 
 

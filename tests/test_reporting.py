@@ -187,26 +187,42 @@ def test_large_transfers_use_about_one_part_per_thread():
     mb = 1024 * 1024
     parts = {size: Storage._parts(size * mb).multipart_chunksize // mb for size in (9, 25, 80, 300, 2000)}
     assert parts == {9: 8, 25: 8, 80: 8, 300: 30, 2000: 64}  # boto3's 8 MB floor, 64 MB cap
-    one = Storage._parts(450 * mb, in_one=True)  # yolo11x's per-epoch checkpoint: one PutObject
-    assert one.multipart_threshold > 450 * mb and one.max_request_concurrency == 1
-    assert Storage._parts(6 * 1024 * mb, in_one=True).multipart_chunksize == 64 * mb  # over S3's 5 GB PUT: parts
+    one = Storage._parts(100 * mb, in_one=True)  # a yolo11m-sized per-epoch checkpoint: one PutObject
+    assert one.multipart_threshold > 100 * mb and one.max_request_concurrency == 1
+    large = Storage._parts(450 * mb, in_one=True)  # yolo11x's: parts side by side (the finish waits for it)
+    assert large.multipart_threshold < 450 * mb and large.max_request_concurrency == Storage.THREADS
 
 
-def test_the_objects_alive_after_the_first_epoch_are_frozen_once_and_later_garbage_stays_collectable():
+def test_the_objects_alive_after_the_first_epoch_are_frozen_once_and_garbage_is_never_frozen():
     import gc
+    import weakref
 
     import train
 
+    class Node:
+        pass
+
     assert gc.get_freeze_count() == 0
+    enabled = gc.isenabled()
+    gc.disable()  # no automatic collection: only what the function does frees the garbage below
     try:
+        before = Node()
+        before.me = before  # a cycle already garbage when the first epoch ends (a replaced data pipeline)
+        was = weakref.ref(before)
+        del before
         train.freeze_long_lived_objects(None)  # Ultralytics' on_train_epoch_end, first epoch
+        assert was() is None, "garbage was frozen with the live objects: it would never be freed"
         frozen = gc.get_freeze_count()
         assert frozen > 10_000
-        cycle: list = []
-        cycle.append(cycle)  # what a later epoch leaves behind
+        after = Node()
+        after.me = after  # what a later epoch leaves behind
+        later = weakref.ref(after)
+        del after
         train.freeze_long_lived_objects(None)  # every later epoch: nothing more is frozen
         assert gc.get_freeze_count() == frozen
-        del cycle
-        assert gc.collect() >= 1
+        gc.collect()
+        assert later() is None
     finally:
         gc.unfreeze()
+        if enabled:
+            gc.enable()
