@@ -146,7 +146,6 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
-    model.add_callback("on_train_end", lambda _: gc.unfreeze())  # what training leaves may be collected again
     device = settings.device or default_device()
     if "," not in device:  # MLflow for logging the model is imported beside the final validation (not in DDP workers)
         model.add_callback("on_fit_epoch_end", lambda t: preload_mlflow(settings) if t.epoch + 1 >= t.epochs else None)
@@ -184,7 +183,8 @@ def freeze_long_lived_objects(_trainer) -> None:
     8%). Once, after one full collection: garbage not collected yet would be frozen with the rest and
     never freed (after the first epoch, because Ultralytics rebuilds its data pipeline when that
     epoch runs out of GPU memory, and the replaced dataset, a reference cycle, must be freed). What
-    training allocates later is collected as before; `on_train_end` unfreezes everything."""
+    training allocates later is collected as before. They stay frozen until the process exits: the
+    trainer keeps most of them referenced to the end of the job anyway."""
     if not gc.get_freeze_count():
         gc.collect()
         gc.freeze()
