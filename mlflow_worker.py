@@ -14,9 +14,20 @@ Protocol: one JSON object per line. The trainer writes requests to stdin:
     {"op": "artifact", "id", "run_id", "path", "artifact_path"}
     {"op": "flush", "id"}                                        answered once everything before it is done
     {"op": "end", "id", "run_id", "status"}                      made at once: what is still queued is dropped
+    {"op": "warm"}                                               get ready to log the model (below)
+    {"op": "log_model", "id", "run_id", "model": {...}}          log a pyfunc model; answers its model URI
+    {"op": "register", "id", "model_uri", "name", "tags"}        a new registered version; answers its number
 and reads answers on stdout: {"id", "ok": result} or {"id", "error": "Type: message"}, and
 {"off": action, "error": ...} when a call without an answer failed (tracking is then off: later
 calls are dropped). Everything MLflow prints goes to stderr, which the trainer logs.
+
+Logging the trained model is done here too, so that the trainer's process never imports MLflow (2 s
+of Python, then 1.4 s mapping the installed packages for the model's requirements, which shared the
+interpreter lock with the final validation and uploads). `log_model` loads the model and runs the
+input example, so it needs torch and Ultralytics: `warm`, sent once training runs, imports them and
+builds that map on a thread at the lowest CPU priority (it takes what the training leaves idle), and
+`log_model` waits for it. This process sees no GPU (CUDA_VISIBLE_DEVICES is emptied when it starts):
+the input example runs on the CPU. `log_model`, `register` and `end` run beside the queue, not in it.
 
 Requests are read as they come and queued, so the trainer never waits on a slow server. When stdin
 closes (the trainer exited) the queue is given END_WAIT seconds; a run this worker made or
@@ -27,11 +38,14 @@ run RUNNING forever. SIGINT and SIGTERM are ignored: the trainer decides how its
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
+import logging
 import os
 import signal
 import sys
 import threading
+import warnings
 
 END_WAIT = 10.0  # seconds the queue and the run's end get once the trainer has gone
 
@@ -48,6 +62,7 @@ class Worker:
         self.ending = False
         self.queue: collections.deque = collections.deque()
         self.cond = threading.Condition()
+        self._warming: threading.Thread | None = None
         threading.Thread(target=self._work, name="mlflow-calls", daemon=True).start()
 
     @property
@@ -73,6 +88,11 @@ class Worker:
             self.uri = request["uri"]
         elif request["op"] == "end":  # at once, beside a call that may hang on a dead server
             threading.Thread(target=self._reply, args=(request, self._end), daemon=True).start()
+        elif request["op"] == "warm":
+            self.warm()
+        elif request["op"] in ("log_model", "register"):  # beside the numbers: they need no order
+            call = self._log_model if request["op"] == "log_model" else self._register
+            threading.Thread(target=self._reply, args=(request, call), daemon=True).start()
         else:
             with self.cond:
                 self.queue.append(request)
@@ -121,7 +141,7 @@ class Worker:
         try:
             self.answer({"id": request["id"], "ok": call(request)})
         except Exception as e:
-            if request["op"] != "end":
+            if request["op"] in ("start", "artifact"):  # the run's own calls: tracking is off after one failed
                 self.active = False
             self.answer({"id": request["id"], "error": describe(e)})
 
@@ -161,6 +181,37 @@ class Worker:
             self.started_run = None
         return True
 
+    # -- the trained model ---------------------------------------------------------------------
+
+    def warm(self) -> None:
+        """Once: import what logging the model needs, at the lowest CPU priority (Linux sets a
+        thread's niceness on its own), so that it soaks up what training leaves idle."""
+        if self._warming is None:
+            self._warming = threading.Thread(target=_warm_up, name="warm-up", daemon=True)
+            self._warming.start()
+
+    def _log_model(self, request: dict) -> str:
+        self.warm()
+        self._warming.join()
+        import mlflow
+
+        model = request["model"]
+        mlflow.set_tracking_uri(self.uri)
+        with quiet_mlflow_warnings(), mlflow.start_run(run_id=request["run_id"]):
+            info = mlflow.pyfunc.log_model(
+                name=model["name"], python_model=model["code"], artifacts={"weights": model["weights"]},
+                code_paths=model["code_paths"], pip_requirements=model["pip_requirements"],
+                signature=signature(), input_example=[model["input_example"]], model_config=model["config"])
+        return info.model_uri
+
+    def _register(self, request: dict) -> str:
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri)
+        version = mlflow.register_model(request["model_uri"], request["name"], tags=request["tags"],
+                                        await_registration_for=60)
+        return str(version.version)
+
     def trainer_gone(self) -> None:
         """stdin closed: give the queue its time, then end a run the trainer left open."""
         self.drain(END_WAIT)
@@ -170,6 +221,63 @@ class Worker:
                                     daemon=True)
             done.start()
             done.join(END_WAIT)
+
+
+def _warm_up() -> None:
+    """Import MLflow's pyfunc flavour; Ultralytics, torch and torchvision, which the model's input
+    example runs on (torchvision alone is 4 s of a first prediction here); and build the map of
+    installed packages log_model reads to check the model's requirements (it lists every file of
+    every installed package: 1.4 s here). What fails here is done, or fails, in log_model; the
+    map's builder is internal to MLflow (without it, log_model builds the map itself)."""
+    with contextlib.suppress(OSError):
+        os.nice(19)
+    with contextlib.suppress(Exception):
+        import mlflow.pyfunc  # noqa: F401
+        import torchvision  # noqa: F401
+        from ultralytics import YOLO  # noqa: F401
+    with contextlib.suppress(Exception):
+        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
+
+        _init_packages_to_modules_map()
+
+
+def signature():
+    """What YoloPyfunc.predict's type hints say (a list of images in, a list of records out), given
+    explicitly: inferring it would load the model and run the input example twice at log time."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import AnyType, ColSpec, Map, Schema
+
+    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema([ColSpec(Map(AnyType()))]))
+
+
+@contextlib.contextmanager
+def quiet_mlflow_warnings():
+    """Keep two expected MLflow warnings out of the job's log (a clean job logs no warning):
+    - that YoloPyfunc.predict's list[Any] input is not validated (on purpose: anything image-like
+      is welcome), which MLflow issues from inside its own warning filters;
+    - that the model's config could not be logged as run parameters: MLflow logs it there, and its
+      `batch` (predict.py's batch) differs from the training `batch` already logged, which MLflow
+      refuses to change. The config stays in the logged model's MLmodel file, where
+      `mlflow.pyfunc.load_model` reads it."""
+    show = warnings.showwarning
+
+    def filtered(message, *args, **kwargs):
+        if "Any type hint" not in str(message):
+            show(message, *args, **kwargs)
+
+    def expected(record: logging.LogRecord) -> bool:  # that refusal only, not a server that failed
+        message = record.getMessage()
+        return not (message.startswith("Failed to log model config as params") and "Changing param values" in message
+                    and "'key': 'batch'" in message)
+
+    model_logger = logging.getLogger("mlflow.models.model")
+    warnings.showwarning = filtered
+    model_logger.addFilter(expected)
+    try:
+        yield
+    finally:
+        warnings.showwarning = show
+        model_logger.removeFilter(expected)
 
 
 def note(message: str) -> None:
@@ -186,6 +294,8 @@ def describe(error: BaseException) -> str:
 def main() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C or a pod's SIGTERM reaches the trainer, which
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # ends the run through this worker
+    os.environ["CUDA_VISIBLE_DEVICES"] = ""  # the model's input example runs on the CPU, off the job's GPUs
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the job's log
     answers = os.fdopen(os.dup(1), "w", encoding="utf-8")
     os.dup2(2, 1)  # whatever MLflow prints goes to stderr, never into the answers
     sys.stdout = sys.stderr

@@ -7,26 +7,26 @@ method's type hints say) and an input example; registering it under MLFLOW_REGIS
 tagged with the job id, the task and the primary metric; and the final status's fields for it.
 Any failure logs one warning and the job goes on: tracking never fails training.
 
+The MLflow calls are made by MLflow's helper process (tracking.py, mlflow_worker.py), which imports
+torch and Ultralytics at the lowest CPU priority while training runs (`prepare_model_logging`):
+the trainer's process never imports MLflow, whose import and package scan (3.4 s of Python) would
+share the interpreter lock with the final validation and uploads.
+
 Environment (through Settings): MLFLOW_LOG_MODEL, MLFLOW_REGISTERED_MODEL_NAME, MLFLOW_TRACKING_URI,
 and IMGSZ, CONF_THRESHOLD, IOU_THRESHOLD, MAX_DET, PREDICT_BATCH as the model's prediction settings.
-Imports: utils, config, validation; mlflow (about 2 s) inside the functions that log (`preload_mlflow`
-imports it as training ends). pyfunc_model.py is not imported here: MLflow logs the file.
+Imports: config, tracking, validation. pyfunc_model.py is not imported here: MLflow logs the file.
 """
 
 from __future__ import annotations
 
 import base64
-import contextlib
-import importlib
 import logging
-import os
 import re
-import warnings
 from pathlib import Path
 from typing import Callable
 
 from config import PLATFORM_TASKS, Settings
-from utils import in_background
+from tracking import Stopped, WorkerError
 from validation import primary_metric
 
 LOGGER = logging.getLogger("trainer")
@@ -38,7 +38,8 @@ ARTIFACT_NAME = "model"  # the logged model's name in the run
 def log_trained_model(settings: Settings, tracker, weights: Path, task: str, metrics: dict,
                       should_stop: Callable[[], bool]) -> dict:
     """Log best.pt as a pyfunc model in the job's run (MLFLOW_LOG_MODEL, or implied by a registered
-    name) and register it under MLFLOW_REGISTERED_MODEL_NAME.
+    name) and register it under MLFLOW_REGISTERED_MODEL_NAME, both through MLflow's helper process
+    (tracking.Tracker.log_model): this process never imports MLflow.
 
     Returns the final status's fields: `mlflow_model_uri`, and `registered_model_name`,
     `registered_model_version` once registered. Never raises.
@@ -48,16 +49,18 @@ def log_trained_model(settings: Settings, tracker, weights: Path, task: str, met
         return {}
     fields = {}
     try:
-        info = log_pyfunc_model(settings, tracker.run_id, weights, task)
-        fields["mlflow_model_uri"] = info.model_uri
-        LOGGER.info("MLflow: logged the model as %s", info.model_uri)
+        model_uri = tracker.log_model(model_request(settings, weights, task), should_stop)
+        fields["mlflow_model_uri"] = model_uri
+        LOGGER.info("MLflow: logged the model as %s", model_uri)
         if name:
-            version = register(info.model_uri, name, registry_tags(settings, tracker.run_id, task, metrics))
+            version = tracker.register_model(model_uri, name, registry_tags(settings, tracker.run_id, task, metrics),
+                                             should_stop)
             fields.update(registered_model_name=name, registered_model_version=int(version))
             LOGGER.info("MLflow: registered %s version %s", name, version)
     except Exception as e:
+        why = str(e) if isinstance(e, (WorkerError, Stopped)) else f"{type(e).__name__}: {e}"
         LOGGER.warning("MLflow: could not %s the model (%s); the job goes on without it",
-                       "register" if fields else "log", tracker.redact(f"{type(e).__name__}: {e}")[:500])
+                       "register" if fields else "log", tracker.redact(why)[:500])
     return fields
 
 
@@ -65,94 +68,23 @@ def logs_model(settings: Settings) -> bool:
     return bool(settings.mlflow_log_model or settings.registered_model_name)
 
 
-_preloading: list = []
+def prepare_model_logging(settings: Settings, tracker) -> None:
+    """Once training runs: MLflow's helper process imports what logging the model will need
+    (torch, Ultralytics, MLflow's pyfunc, the installed packages' map) at the lowest CPU priority,
+    so that logging the model after training starts warm (mlflow_worker.Worker.warm)."""
+    if logs_model(settings):
+        tracker.warm_model_logging()
 
 
-def preload_mlflow(settings: Settings) -> None:
-    """Get MLflow ready to log the model, on a helper thread as training ends (train.py: once the
-    last epoch is saved, beside the final validation), when the model is to be logged: import it
-    (2-3 s of Python; the trainer's other MLflow calls are made in its helper process, tracking.py,
-    so nothing has imported it in this one) and let it map the installed packages (`_warm_up`).
-    Once per process; `log_pyfunc_model` waits for it."""
-    if logs_model(settings) and not _preloading:
-        _preloading.append(in_background(_warm_up))
-
-
-def _warm_up() -> None:
-    """Import MLflow, then build the map of installed packages its log_model reads to check the
-    model's requirements against this environment (it lists every file of every installed package:
-    1.4 s here), so that it is built before the model is logged rather than while. An MLflow without
-    that function (it is internal to MLflow) builds the map itself when it needs it."""
-    importlib.import_module("mlflow")
-    with contextlib.suppress(Exception):
-        from mlflow.utils.requirements_utils import _init_packages_to_modules_map
-
-        _init_packages_to_modules_map()
-
-
-def log_pyfunc_model(settings: Settings, run_id: str, weights: Path, task: str):
-    """mlflow.pyfunc.log_model into the run; returns MLflow's ModelInfo."""
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # no progress bars in the job's log
-    for preloading in _preloading:  # what it failed at is done here again, and fails here if it must
-        with contextlib.suppress(Exception):
-            preloading.result()
-    import mlflow
-
-    mlflow.set_tracking_uri(settings.mlflow_tracking_uri)
+def model_request(settings: Settings, weights: Path, task: str) -> dict:
+    """What the helper's mlflow.pyfunc.log_model takes: pyfunc_model.py as the model's code, best.pt
+    as its artifact, the trainer modules it imports, requirements.txt's pins, the prediction
+    settings as its model config, a small JPEG as its input example."""
     config = {"task": task, "imgsz": settings.imgsz, "conf": settings.conf, "iou": settings.iou,
               "max_det": settings.max_det, "batch": settings.predict_batch}
-    with quiet_mlflow_warnings(), mlflow.start_run(run_id=run_id):
-        return mlflow.pyfunc.log_model(
-            name=ARTIFACT_NAME, python_model=str(ROOT / "pyfunc_model.py"), artifacts={"weights": str(weights)},
-            code_paths=[str(p) for p in shipped_modules()], pip_requirements=pinned_requirements(),
-            signature=signature(), input_example=[example_image()], model_config=config)
-
-
-@contextlib.contextmanager
-def quiet_mlflow_warnings():
-    """Keep two expected MLflow warnings out of the job's log (a clean job logs no warning):
-    - that YoloPyfunc.predict's list[Any] input is not validated (on purpose: anything image-like
-      is welcome), which MLflow issues from inside its own warning filters;
-    - that the model's config could not be logged as run parameters: MLflow logs it there, and its
-      `batch` (predict.py's batch) differs from the training `batch` already logged, which MLflow
-      refuses to change. The config stays in the logged model's MLmodel file, where
-      `mlflow.pyfunc.load_model` reads it."""
-    show = warnings.showwarning
-
-    def filtered(message, *args, **kwargs):
-        if "Any type hint" not in str(message):
-            show(message, *args, **kwargs)
-
-    def expected(record: logging.LogRecord) -> bool:  # that refusal only, not a server that failed
-        message = record.getMessage()
-        return not (message.startswith("Failed to log model config as params") and "Changing param values" in message
-                    and "'key': 'batch'" in message)
-
-    model_logger = logging.getLogger("mlflow.models.model")
-    warnings.showwarning = filtered
-    model_logger.addFilter(expected)
-    try:
-        yield
-    finally:
-        warnings.showwarning = show
-        model_logger.removeFilter(expected)
-
-
-def signature():
-    """What YoloPyfunc.predict's type hints say (a list of images in, a list of records out), given
-    explicitly: inferring it would load the model and run the input example twice at log time."""
-    from mlflow.models import ModelSignature
-    from mlflow.types.schema import AnyType, ColSpec, Map, Schema
-
-    return ModelSignature(inputs=Schema([ColSpec(AnyType())]), outputs=Schema([ColSpec(Map(AnyType()))]))
-
-
-def register(model_uri: str, name: str, tags: dict) -> str:
-    """A new version of `name` in the Model Registry (the model created if new); returns the version."""
-    import mlflow
-
-    version = mlflow.register_model(model_uri, name, tags=tags, await_registration_for=60)
-    return str(version.version)
+    return {"name": ARTIFACT_NAME, "code": str(ROOT / "pyfunc_model.py"), "weights": str(weights),
+            "code_paths": [str(p) for p in shipped_modules()], "pip_requirements": pinned_requirements(),
+            "config": config, "input_example": example_image()}
 
 
 def registry_tags(settings: Settings, run_id: str, task: str, metrics: dict) -> dict:

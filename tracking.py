@@ -7,7 +7,10 @@ imports MLflow and looks up the run on another core while the dataset downloads;
 numbers are queued to it and made in order, so the training thread never waits on the server;
 ending the run first waits (bounded) for what is queued. A trainer killed outright leaves no run
 RUNNING: the helper sees its pipe close and ends the run KILLED. Any tracking failure logs one
-warning and switches tracking off; the run is still ended.
+warning and switches tracking off; the run is still ended. The trained model is logged and
+registered by the helper too (`log_model`, `register_model`, for registry.py), after it imported
+torch and Ultralytics at the lowest CPU priority while training ran (`warm_model_logging`): the
+trainer's own process never imports MLflow.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
 lowered unless set).
@@ -49,6 +52,7 @@ class Tracker:
     """
 
     END_TIMEOUT = 10.0  # seconds to wait for the queued calls, and for ending the run
+    LOG_MODEL_TIMEOUT = 900.0  # seconds logging the model, or registering it, may take (best.pt goes up too)
 
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings
@@ -179,6 +183,35 @@ class Tracker:
             except Exception as e:
                 self._off(f"upload {f.name}", e)
 
+    def warm_model_logging(self) -> None:
+        """Have the helper import what logging the model needs (torch, Ultralytics, MLflow's pyfunc)
+        now, at the lowest CPU priority, while training runs (mlflow_worker.Worker.warm)."""
+        if self.active:
+            self._send({"op": "warm"})
+
+    def log_model(self, model: dict, should_stop: Callable[[], bool]) -> str:
+        """Log a pyfunc model into the run, in the helper process (the trainer's never imports MLflow);
+        `model` as mlflow_worker's `log_model` takes it. Returns its model URI; raises WorkerError,
+        TimeoutError after LOG_MODEL_TIMEOUT, or Stopped once `should_stop()` (the helper carries on)."""
+        return self._wait(self._send({"op": "log_model", "run_id": self.run_id, "model": model}, answer=True),
+                          should_stop)
+
+    def register_model(self, model_uri: str, name: str, tags: dict, should_stop: Callable[[], bool]) -> str:
+        """A new version of `name` in the Model Registry (the model created if new); returns the version."""
+        request = {"op": "register", "model_uri": model_uri, "name": name, "tags": tags}
+        return self._wait(self._send(request, answer=True), should_stop)
+
+    def _wait(self, future: Future, should_stop: Callable[[], bool]):
+        deadline = time.monotonic() + self.LOG_MODEL_TIMEOUT
+        while True:
+            try:
+                return future.result(min(1.0, max(0.0, deadline - time.monotonic())))
+            except TimeoutError:
+                if should_stop():
+                    raise Stopped("the job is stopping") from None
+                if time.monotonic() >= deadline:
+                    raise
+
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
         (waiting at most END_TIMEOUT then: the server may be the thing that failed)."""
@@ -210,6 +243,10 @@ class Tracker:
 
 class WorkerError(Exception):
     """An MLflow call failed in the helper process (its message names the original error)."""
+
+
+class Stopped(Exception):
+    """The job stopped while waiting for the helper's answer."""
 
 
 def _describe(error: Exception) -> str:

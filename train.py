@@ -49,7 +49,7 @@ from models import (
     train_arg_name_problems,
     ultralytics_refusal,
 )
-from registry import log_trained_model, preload_mlflow
+from registry import log_trained_model, prepare_model_logging
 from reporting import EpochReporter, StopSignal, checkpoint_problem
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
 from storage import Storage
@@ -117,7 +117,6 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         backend.status("running", 0, **tracker.status_fields())
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
-    preload_mlflow(settings)  # for logging the model (done already unless training stopped early)
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     uris = upload_outputs(storage, settings, trainer, reporter)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
@@ -147,8 +146,8 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
     device = settings.device or default_device()
-    if "," not in device:  # MLflow for logging the model is imported beside the final validation (not in DDP workers)
-        model.add_callback("on_fit_epoch_end", lambda t: preload_mlflow(settings) if t.epoch + 1 >= t.epochs else None)
+    if "," not in device:  # MLflow's helper gets ready to log the model while training runs (not in DDP workers)
+        model.add_callback("on_train_start", lambda _: prepare_model_logging(settings, reporter.tracker))
     workers = settings.workers if settings.workers is not None else min(8, available_cpus())
     if resume:
         # Ultralytics takes everything else (epochs, batch, lr0, TRAIN_ARGS...) from the checkpoint.

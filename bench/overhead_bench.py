@@ -194,7 +194,7 @@ class Run:
     code: int | None = None
     cpu_total: float = 0.0
     lines: list[tuple[float, str]] = field(default_factory=list)
-    rows: list[tuple[float, float, int, float]] = field(default_factory=list)  # (seen, cpu, rows, mtime)
+    rows: list[tuple[float, float, int, float, float]] = field(default_factory=list)  # (seen, cpu, rows, mtime, helper cpu)
     csv_text: str = ""
     uploads: dict = field(default_factory=dict)
 
@@ -222,30 +222,47 @@ class Run:
         times = self.epoch_times()
         return (times[-1] - times[0]) / (len(times) - 1) if len(times) > 1 else None
 
-    @property
-    def cpu_per_epoch(self) -> float | None:
+    def _cpu_per_epoch(self, which: int) -> float | None:
         by_rows = {}
-        for _, cpu, rows, _ in self.rows:
-            by_rows.setdefault(rows, cpu)  # the first sample that saw this many rows
+        for sample in self.rows:
+            by_rows.setdefault(sample[2], sample[which])  # the first sample that saw this many rows
         counts = sorted(by_rows)
         if len(counts) < 2 or counts[-1] - counts[0] < 1:
             return None
         return (by_rows[counts[-1]] - by_rows[counts[0]]) / (counts[-1] - counts[0])
 
     @property
+    def cpu_per_epoch(self) -> float | None:
+        return self._cpu_per_epoch(1)
+
+    @property
+    def helper_cpu_per_epoch(self) -> float | None:
+        """Of cpu_per_epoch, MLflow's helper process (mostly its one-time warm-up for logging the model)."""
+        return self._cpu_per_epoch(4)
+
+    @property
+    def cpu_per_epoch_without_helper(self) -> float | None:
+        total, helper = self.cpu_per_epoch, self.helper_cpu_per_epoch
+        return None if total is None or helper is None else total - helper
+
+    @property
     def finish(self) -> float | None:
         return self.exit - self.rows[-1][3] if self.rows else None
 
 
-def tree_cpu(proc: psutil.Process) -> float:
-    """CPU seconds of a process, its reaped children and its live ones (data-loader workers)."""
-    total = sum(proc.cpu_times()[:4])
+def tree_cpu(proc: psutil.Process) -> tuple[float, float]:
+    """CPU seconds of a process, its reaped children and its live ones (data-loader workers, MLflow's
+    helper); and of those, MLflow's helper process's (train.py's mlflow_worker.py)."""
+    total, helper = sum(proc.cpu_times()[:4]), 0.0
     for child in proc.children(recursive=True):
         try:
-            total += sum(child.cpu_times()[:2])
+            cpu = sum(child.cpu_times()[:2])
+            total += cpu
+            if any(part.endswith("mlflow_worker.py") for part in child.cmdline()):
+                helper += cpu
         except psutil.Error:
             pass
-    return total
+    return total, helper
 
 
 def run_process(side: str, cmd: list[str], env: dict, cwd: Path, csv: Path, log: Path, timeout: float) -> Run:
@@ -272,11 +289,11 @@ def run_process(side: str, cmd: list[str], env: dict, cwd: Path, csv: Path, log:
                 st = csv.stat()
                 if st.st_size != size:
                     size, text = st.st_size, csv.read_text()
-                    cpu = tree_cpu(ps)
+                    cpu, helper = tree_cpu(ps)
                     rows = max(0, len(text.strip().splitlines()) - 1)
                     if rows:
                         run.csv_text = text
-                        run.rows.append((time.time(), cpu, rows, st.st_mtime))
+                        run.rows.append((time.time(), cpu, rows, st.st_mtime, helper))
             except (OSError, psutil.Error):
                 pass
             time.sleep(POLL)
@@ -418,7 +435,7 @@ def mb(n: float | None) -> str:
 
 def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
     p = {k: median([getattr(r, k) for r in plain]) for k in ("wall", "start", "per_epoch", "cpu_per_epoch", "finish",
-                                                             "cpu_total")}
+                                                             "cpu_total", "cpu_per_epoch_without_helper")}
     t = {k: median([getattr(r, k) for r in ours]) for k in p}
     during = median([r.uploads["during"] / args.epochs for r in ours])
     final = median([r.uploads["final"] for r in ours])
@@ -441,6 +458,8 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
         lambda d: d <= 1.03)
     row("CPU s per epoch (the process and its workers)", p["cpu_per_epoch"], t["cpu_per_epoch"], "ratio", "<= 1.03",
         lambda d: d <= 1.03)
+    row("the same, less MLflow's helper process (its one-time warm-up for logging the model)",
+        p["cpu_per_epoch_without_helper"], t["cpu_per_epoch_without_helper"], "ratio", "<= 1.03", lambda d: d <= 1.03)
     row("start: launch to first batch, s", p["start"], t["start"], "diff", "plain + 2 s", lambda d: d <= 2)
     row("finish: end of last epoch to exit, s", p["finish"], t["finish"], "diff", "plain + 3 s", lambda d: d <= 3)
     row("whole process, wall s", p["wall"], t["wall"], "ratio", "aim < 1.10", lambda d: d < 1.10)
@@ -456,10 +475,10 @@ def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
         print(f"\nper-epoch uploads in the last train.py run: "
               + ", ".join(f"{k} x{n}" for k, n in sorted(keys.items()))
               + f"; server-side copies: {ours[-1].uploads['copies']}")
-    print("\nper run (wall s / start s / per-epoch s / CPU per epoch s / finish s):")
+    print("\nper run (wall s / start s / per-epoch s / CPU per epoch s (of which MLflow's helper) / finish s):")
     for r in plain + ours:
-        print(f"- {r.side}: {fmt(r.wall, '.1f')} / {fmt(r.start)} / {fmt(r.per_epoch)} / {fmt(r.cpu_per_epoch)} / "
-              f"{fmt(r.finish)}")
+        print(f"- {r.side}: {fmt(r.wall, '.1f')} / {fmt(r.start)} / {fmt(r.per_epoch)} / {fmt(r.cpu_per_epoch)} "
+              f"({fmt(r.helper_cpu_per_epoch)}) / {fmt(r.finish)}")
 
     print("\nWhere train.py's time goes (seconds from launch, median; plain's where it has the step):\n")
     print("| step reached | plain | train.py | since the step before |")
