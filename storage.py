@@ -2,8 +2,8 @@
 a local folder with the same layout.
 
 Owns: addressing (`s3://bucket/key` or a key in STORAGE_BUCKET), verified transfers (a download
-lands as a .part file renamed only once its size and checksum match; uploads are checked with a
-HEAD), listings across pages, and the classification of storage errors into bad input (missing,
+lands as a .part file renamed only once its size and checksum match; uploads are checked by the
+store's answer or a HEAD), listings across pages, and the classification of storage errors into bad input (missing,
 refused, an untrusted certificate) and transient failures (everything else).
 Environment (through config.StorageSettings): STORAGE_TYPE, STORAGE_BUCKET, MINIO_*, R2_*,
 LOCAL_STORAGE_DIR, STORAGE_MAX_ATTEMPTS, STORAGE_TIMEOUT, STORAGE_CHECKSUM, TLS_CA_BUNDLE,
@@ -117,6 +117,7 @@ class Storage:
         self._s3 = None if settings.type == "local" else self._client(settings)
         self._buckets_seen: set[str] = set()
         self._etags_not_md5 = False  # learnt from a store whose MD5-looking ETags are not MD5s (see _mismatch)
+        self._stored: dict[Location, ObjectInfo] = {}  # what this client stored (verified) at a location
 
     @staticmethod
     def _client(s: StorageSettings):
@@ -367,34 +368,52 @@ class Storage:
         """Upload a file and verify what the store holds (size, and MD5 where the ETag is one).
 
         Readers see the old object or the whole new one, never a part: S3 replaces objects
-        atomically, and the local store writes a temporary file and renames it. Files of 8 MB or
-        more go up in parts side by side, unless `in_one`: one PutObject request up to
-        PUT_IN_ONE_UP_TO, for uploads in the background whose duration matters less (the per-epoch
-        checkpoints): half the store's CPU of the parts for a 52 MB file (docs/performance.md), but
-        one stream, and its MD5 ETag is verified with one more pass over the file. Larger files go
-        in parts all the same: the final upload waits for the one under way.
+        atomically, and the local store writes a temporary file and renames it. A file under 8 MB
+        goes in one PutObject, and so does one up to PUT_IN_ONE_UP_TO with `in_one` (for uploads in
+        the background whose duration matters less, the per-epoch checkpoints: half the store's CPU
+        of the parts for a 52 MB file, docs/performance.md); the store's answer (its ETag, the
+        content's MD5) is verified against the file, with no HEAD. Larger files go up in parts side
+        by side, verified by a HEAD (the final upload waits for them).
         """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
         if self._s3 is None:
             return self._write_local(loc, lambda part: shutil.copyfile(path, part))
+        in_one = size < self.STREAM_BELOW or (in_one and size <= self.PUT_IN_ONE_UP_TO)
         previous = None
         for attempt in (1, 2):
-            with self._errors("upload", loc):
-                self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size, in_one),
-                                     Callback=self._progress("uploading", loc, size))
-            stored = self.head(loc)
+            if in_one:
+                stored = self._put_file(path, loc, size)
+                if stored.digest is None:  # the answer cannot vouch for the content (SSE-KMS): its size, then
+                    stored = self.head(loc)
+            else:
+                with self._errors("upload", loc):
+                    self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size),
+                                         Callback=self._progress("uploading", loc, size))
+                stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
             else:
                 mismatch, previous = self._mismatch(path, stored, previous)
                 if not mismatch:
+                    self._stored[loc] = stored
                     return self.uri(loc)
                 problem = f"upload of {path.name} to {self.uri(loc)} does not match ({mismatch})"
+            self._stored.pop(loc, None)
             if attempt == 2:
                 raise TransientError(problem)
             LOGGER.warning("%s; uploading again", problem)
         return self.uri(loc)
+
+    def _put_file(self, path: Path, loc: Location, size: int) -> ObjectInfo:
+        """One PutObject of a file; the store's answer names what it stored (its ETag, a checksum it
+        keeps), which the caller verifies against the file."""
+        if self.interrupt:  # a safe point to stop at, as a transfer's progress is
+            self.interrupt()
+        with self._errors("upload", loc), path.open("rb") as body:
+            answer = self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)
+        etag = answer.get("ETag", "").strip('"')
+        return ObjectInfo(size, etag, object_digest(answer, etag))
 
     def copy(self, source: Location, dest: Location) -> str:
         """A server-side copy of an object (no bytes through this machine), verified by size.
@@ -402,21 +421,31 @@ class Storage:
         S3, MinIO and R2 copy within the store: one CopyObject request, conditional on the source's
         ETag, up to 5 GB (boto3's managed copy would make a 25 MB checkpoint seven requests: a HEAD
         and a multipart copy), parts side by side above; the local store copies the file and
-        renames it into place.
+        renames it into place. A source this client has just uploaded needs no HEAD (its ETag is
+        known), and a copy whose answer gives the source's MD5 ETag needs none either: the same
+        content (one request per epoch for best.pt, instead of three).
         """
         LOGGER.info("copying %s to %s in storage", self.uri(source), self.uri(dest))
         if self._s3 is None:
             return self._write_local(dest, lambda part: shutil.copyfile(self._path(source), part))
-        original = self.head(source)
+        original = self._stored.get(source) or self.head(source)
         if original is None:
             raise StorageNotFound(f"{self.uri(source)} does not exist")
-        with self._errors("copy", dest):
-            if original.size < self.COPY_IN_ONE:  # one request, of the version just looked up
-                self._s3.copy_object(Bucket=dest.bucket, Key=dest.key, CopySourceIfMatch=f'"{original.etag}"',
-                                     CopySource={"Bucket": source.bucket, "Key": source.key})
-            else:  # CopyObject's limit: parts copied side by side
-                self._s3.copy({"Bucket": source.bucket, "Key": source.key}, dest.bucket, dest.key,
-                              Config=self._parts(original.size))
+        copied = None
+        try:
+            with self._errors("copy", dest):
+                if original.size < self.COPY_IN_ONE:  # one request, of the version just looked up (or stored)
+                    answer = self._s3.copy_object(Bucket=dest.bucket, Key=dest.key, CopySourceIfMatch=f'"{original.etag}"',
+                                                  CopySource={"Bucket": source.bucket, "Key": source.key})
+                    copied = answer.get("CopyObjectResult", {}).get("ETag", "").strip('"')
+                else:  # CopyObject's limit: parts copied side by side
+                    self._s3.copy({"Bucket": source.bucket, "Key": source.key}, dest.bucket, dest.key,
+                                  Config=self._parts(original.size))
+        except Exception:
+            self._stored.pop(source, None)  # replaced by someone else, perhaps: look it up next time
+            raise
+        if copied and copied == original.etag and etag_digest(copied) and not self._etags_not_md5:
+            return self.uri(dest)
         stored = self.head(dest)
         if stored is None or stored.size != original.size:
             raise TransientError(f"copy of {self.uri(source)} to {self.uri(dest)} is incomplete")

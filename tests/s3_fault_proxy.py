@@ -1,6 +1,6 @@
 """A proxy in front of the S3 server that fails a share of requests, run as its own process.
 
-Half of the failures answer 503 SlowDown (S3's throttling answer), the other half drop the
+The failures alternate: one answers 503 SlowDown (S3's throttling answer), the next drops the
 connection without answering. Everything else is forwarded unchanged. The number of injected
 faults is written to --record, one line each, so a test can check faults really happened:
 
@@ -42,6 +42,7 @@ def make_handler(args: argparse.Namespace):
     upstream = urlparse(args.upstream)
     rng = random.Random(args.seed)
     lock = threading.Lock()
+    kinds, faults = ("503", "drop"), [0]
 
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -85,9 +86,12 @@ def make_handler(args: argparse.Namespace):
                 return
             if self._answer():
                 return
-            with lock:
-                roll = rng.random()
-            if roll < args.fail_rate / 2:
+            with lock:  # a share of requests fails, alternately with each kind (not left to chance)
+                kind = None
+                if rng.random() < args.fail_rate:
+                    kind = kinds[faults[0] % 2]
+                    faults[0] += 1
+            if kind == "503":
                 self._fault("503")
                 self.send_response(503)
                 self.send_header("Content-Type", "application/xml")
@@ -95,7 +99,7 @@ def make_handler(args: argparse.Namespace):
                 self.end_headers()
                 self.wfile.write(SLOW_DOWN)
                 return
-            if roll < args.fail_rate:
+            if kind == "drop":
                 self._fault("drop")
                 self.close_connection = True
                 self.connection.shutdown(socket.SHUT_RDWR)

@@ -31,7 +31,9 @@ def test_best_pt_written_from_the_same_bytes_as_last_pt_is_copied_in_storage_not
         weights.mkdir()
         torch.save({"epoch": 0, "blob": torch.zeros(3_000_000)}, weights / "last.pt")  # about 12 MB
         (weights / "best.pt").write_bytes((weights / "last.pt").read_bytes())  # as Ultralytics writes them
-        uploader.submit({"last.pt": weights / "last.pt", "best.pt": weights / "best.pt"}, 1, {"best.pt": "last.pt"})
+        (weights / "results.csv").write_text("epoch,time\n1,1.5\n")
+        uploader.submit({"last.pt": weights / "last.pt", "best.pt": weights / "best.pt",
+                         "results.csv": weights / "results.csv"}, 1, {"best.pt": "last.pt"})
         assert uploader.wait(60) and stored == [1]
     finally:
         with_group(proxy, signal.SIGTERM)
@@ -47,6 +49,10 @@ def test_best_pt_written_from_the_same_bytes_as_last_pt_is_copied_in_storage_not
     for name in ("last.pt", "best.pt"):
         body = s3.get_object(Bucket=bucket, Key=f"checkpoints/job-{job}/{name}")["Body"].read()
         assert body == (weights / "last.pt").read_bytes()
+    assert s3.get_object(Bucket=bucket, Key=f"checkpoints/job-{job}/results.csv")["Body"].read() == b"epoch,time\n1,1.5\n"
+    # verified by the stores' answers (an ETag that is the content's MD5, the copy's ETag that is the
+    # source's): one request per file and epoch, no HEAD (there were five per epoch)
+    assert [line for line in record.read_text().splitlines() if line.startswith("REQ HEAD ")] == []
 
 
 def test_a_newer_last_pt_never_lends_its_bytes_to_an_older_best_pt_waiting_to_be_copied(tmp_path):

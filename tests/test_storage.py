@@ -197,6 +197,25 @@ def test_upload_to_an_encrypting_store_is_sent_once(proxied, tmp_path):
     storage, count = proxied("kms")
     storage.upload(tmp_path / "best.pt", storage.locate("checkpoints/job-1/best.pt"))
     assert count("PUT", "checkpoints/job-1/best.pt") == 1
+    assert count("HEAD", "checkpoints/job-1/best.pt") == 1  # the answer's ETag is no MD5: the size is asked
+
+
+def test_upload_is_verified_by_the_stores_answer_and_a_wrong_one_is_sent_again(proxied, s3, bucket, tmp_path):
+    """A PutObject's ETag is the MD5 of what the store keeps: compared with the file's, no HEAD is
+    needed. A store whose MD5-looking ETags are not MD5s gets the file a second time, then is known."""
+    data = os.urandom(70_000)
+    (tmp_path / "best.pt").write_bytes(data)
+    storage, count = proxied("md5")
+    storage.upload(tmp_path / "best.pt", storage.locate("c/best.pt"))
+    assert (count("PUT", "c/best.pt"), count("HEAD", "c/best.pt")) == (1, 0)
+    storage.copy(storage.locate("c/best.pt"), storage.locate("c/copy.pt"))  # its ETag is known: no HEAD either
+    assert (count("HEAD", "c/best.pt"), count("HEAD", "c/copy.pt")) == (0, 0)
+    assert s3.get_object(Bucket=bucket, Key="c/copy.pt")["Body"].read() == data
+    opaque, count = proxied("opaque")
+    opaque.upload(tmp_path / "best.pt", opaque.locate("c/other.pt"))
+    opaque.upload(tmp_path / "best.pt", opaque.locate("c/third.pt"))
+    assert (count("PUT", "c/other.pt"), count("PUT", "c/third.pt")) == (2, 1)
+    assert s3.get_object(Bucket=bucket, Key="c/third.pt")["Body"].read() == data
 
 
 def test_store_whose_etags_only_look_like_md5s_costs_one_extra_download_once(proxied, s3_server, bucket, tmp_path):
