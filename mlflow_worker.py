@@ -21,13 +21,16 @@ and reads answers on stdout: {"id", "ok": result} or {"id", "error": "Type: mess
 {"off": action, "error": ...} when a call without an answer failed (tracking is then off: later
 calls are dropped). Everything MLflow prints goes to stderr, which the trainer logs.
 
-Logging the trained model is done here too, so that the trainer's process never imports MLflow (2 s
-of Python, then 1.4 s mapping the installed packages for the model's requirements, which shared the
-interpreter lock with the final validation and uploads). `log_model` loads the model and runs the
-input example, so it needs torch and Ultralytics: `warm`, sent once training runs, imports them and
-builds that map on a thread at the lowest CPU priority (it takes what the training leaves idle), and
-`log_model` waits for it. This process sees no GPU (CUDA_VISIBLE_DEVICES is emptied when it starts):
-the input example runs on the CPU. `log_model`, `register` and `end` run beside the queue, not in it.
+A second instance of this process logs the trained model (tracking.Tracker.log_model), so that the
+trainer's process never imports MLflow (2 s of Python, then 1.4 s mapping the installed packages
+for the model's requirements, which shared the interpreter lock with the final validation and
+uploads). `log_model` loads the model and runs the input example, so it needs torch and
+Ultralytics: `warm`, sent once training runs, imports them and builds that map on a thread at the
+lowest CPU priority (it takes what the training leaves idle), and `log_model` waits for it (or,
+without `warm`, makes the same imports at normal priority). A process of its own, because torch
+makes it about 520 MB: a crash or an out-of-memory kill of it costs the model, never the run's
+numbers and end. This process sees no GPU (CUDA_VISIBLE_DEVICES is emptied when it starts): the
+input example runs on the CPU. `log_model`, `register` and `end` run beside the queue, not in it.
 
 Requests are read as they come and queued, so the trainer never waits on a slow server. When stdin
 closes (the trainer exited) the queue is given END_WAIT seconds; a run this worker made or
@@ -185,14 +188,17 @@ class Worker:
 
     def warm(self) -> None:
         """Once: import what logging the model needs, at the lowest CPU priority (Linux sets a
-        thread's niceness on its own), so that it soaks up what training leaves idle."""
+        thread's niceness on its own, and threads it starts inherit it), so that it soaks up what
+        training leaves idle."""
         if self._warming is None:
-            self._warming = threading.Thread(target=_warm_up, name="warm-up", daemon=True)
+            self._warming = threading.Thread(target=_warm_up, args=(True,), name="warm-up", daemon=True)
             self._warming.start()
 
     def _log_model(self, request: dict) -> str:
-        self.warm()
-        self._warming.join()
+        if self._warming is None:  # not asked to get ready (multi-GPU): the same imports, at normal priority
+            _warm_up(nice=False)
+        else:  # (a warm-up not done yet still runs at its low priority: it cannot be raised again)
+            self._warming.join()
         import mlflow
 
         model = request["model"]
@@ -223,14 +229,15 @@ class Worker:
             done.join(END_WAIT)
 
 
-def _warm_up() -> None:
+def _warm_up(nice: bool) -> None:
     """Import MLflow's pyfunc flavour; Ultralytics, torch and torchvision, which the model's input
     example runs on (torchvision alone is 4 s of a first prediction here); and build the map of
     installed packages log_model reads to check the model's requirements (it lists every file of
     every installed package: 1.4 s here). What fails here is done, or fails, in log_model; the
     map's builder is internal to MLflow (without it, log_model builds the map itself)."""
-    with contextlib.suppress(OSError):
-        os.nice(19)
+    if nice:
+        with contextlib.suppress(OSError):
+            os.nice(19)
     with contextlib.suppress(Exception):
         import mlflow.pyfunc  # noqa: F401
         import torchvision  # noqa: F401

@@ -328,8 +328,9 @@ class Storage:
         goes in one PutObject, and so does one up to PUT_IN_ONE_UP_TO with `in_one` (for uploads in
         the background whose duration matters less, the per-epoch checkpoints: half the store's CPU
         of the parts for a 52 MB file, docs/performance.md); the store's answer (its ETag, the
-        content's MD5) is verified against the file, with no HEAD. Larger files go up in parts side
-        by side, verified by a HEAD (the final upload waits for them).
+        content's MD5) is verified against the file, with no HEAD. Such a request logs no progress,
+        and a stop (`interrupt`) is looked at before it starts, not during it. Larger files go up in
+        parts side by side, verified by a HEAD (the final upload waits for them).
         """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
@@ -337,11 +338,12 @@ class Storage:
             return self._write_local(loc, lambda part: shutil.copyfile(path, part))
         in_one = size < self.STREAM_BELOW or (in_one and size <= self.PUT_IN_ONE_UP_TO)
         previous = None
+        self._stored.pop(loc, None)  # known again once this upload is verified
         for attempt in (1, 2):
             if in_one:
                 stored = self._put_file(path, loc, size)
-                if stored.digest is None:  # the answer cannot vouch for the content (SSE-KMS): its size, then
-                    stored = self.head(loc)
+                if stored.digest is None or (stored.digest[0] == "md5" and self._etags_not_md5):
+                    stored = self.head(loc)  # the answer cannot vouch for the content (SSE-KMS): the size
             else:
                 with self._errors("upload", loc):
                     self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size),
@@ -355,7 +357,6 @@ class Storage:
                     self._stored[loc] = stored
                     return self.uri(loc)
                 problem = f"upload of {path.name} to {self.uri(loc)} does not match ({mismatch})"
-            self._stored.pop(loc, None)
             if attempt == 2:
                 raise TransientError(problem)
             LOGGER.warning("%s; uploading again", problem)
@@ -421,6 +422,7 @@ class Storage:
         """Store a small object from memory (annotated images)."""
         if self._s3 is None:
             return self._write_local(loc, lambda part: part.write_bytes(data))
+        self._stored.pop(loc, None)
         with self._errors("upload", loc):
             self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
         return self.uri(loc)

@@ -8,9 +8,9 @@ numbers are queued to it and made in order, so the training thread never waits o
 ending the run first waits (bounded) for what is queued. A trainer killed outright leaves no run
 RUNNING: the helper sees its pipe close and ends the run KILLED. Any tracking failure logs one
 warning and switches tracking off; the run is still ended. The trained model is logged and
-registered by the helper too (`log_model`, `register_model`, for registry.py), after it imported
-torch and Ultralytics at the lowest CPU priority while training ran (`warm_model_logging`): the
-trainer's own process never imports MLflow.
+registered by a second helper process, started once training runs (`warm_model_logging`: it
+imports torch and Ultralytics at the lowest CPU priority) and asked after training (`log_model`,
+`register_model`, for registry.py): the trainer's own process never imports MLflow.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
 TLS_VERIFY; MLflow's own MLFLOW_* variables keep their meaning (its HTTP retries and timeout are
 lowered unless set).
@@ -62,12 +62,13 @@ class Tracker:
         self.active = False  # the run exists and tracking has not failed
         self._params: set[str] = set()
         self._worker: _WorkerProcess | None = None
+        self._model_worker: _WorkerProcess | None = None  # a second helper, for logging the trained model
 
     def __getstate__(self) -> dict:  # a DDP worker starts its own helper process for the same run
-        return {k: v for k, v in self.__dict__.items() if k != "_worker"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_worker", "_model_worker")}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _worker=None)
+        self.__dict__.update(state, _worker=None, _model_worker=None)
 
     def prepare(self) -> None:
         """Start the helper process now: it imports MLflow (about 2 s) and looks up the job's
@@ -183,34 +184,58 @@ class Tracker:
             except Exception as e:
                 self._off(f"upload {f.name}", e)
 
+    # -- the trained model, in a second helper process -------------------------------------------
+    # Logging the model loads torch there (about 520 MB once warm): a helper of its own, so that a
+    # crash or an out-of-memory kill of it costs the model only, never the run's numbers and end.
+
     def warm_model_logging(self) -> None:
-        """Have the helper import what logging the model needs (torch, Ultralytics, MLflow's pyfunc)
-        now, at the lowest CPU priority, while training runs (mlflow_worker.Worker.warm)."""
+        """Start the model's helper now: it imports what logging the model needs (torch, Ultralytics,
+        MLflow's pyfunc) at the lowest CPU priority while training runs (mlflow_worker.Worker.warm)."""
         if self.active:
-            self._send({"op": "warm"})
+            self._model_send({"op": "warm"})
 
     def log_model(self, model: dict, should_stop: Callable[[], bool]) -> str:
-        """Log a pyfunc model into the run, in the helper process (the trainer's never imports MLflow);
-        `model` as mlflow_worker's `log_model` takes it. Returns its model URI; raises WorkerError,
-        TimeoutError after LOG_MODEL_TIMEOUT, or Stopped once `should_stop()` (the helper carries on)."""
-        return self._wait(self._send({"op": "log_model", "run_id": self.run_id, "model": model}, answer=True),
-                          should_stop)
+        """Log a pyfunc model into the run, in the model's helper (the trainer's process never imports
+        MLflow); `model` as mlflow_worker's `log_model` takes it. Returns its model URI; raises
+        WorkerError, TimeoutError after LOG_MODEL_TIMEOUT, or Stopped once `should_stop()` (the
+        helper is then stopped: nothing it would still write can outlast the job)."""
+        return self._model_wait({"op": "log_model", "run_id": self.run_id, "model": model}, should_stop)
 
     def register_model(self, model_uri: str, name: str, tags: dict, should_stop: Callable[[], bool]) -> str:
         """A new version of `name` in the Model Registry (the model created if new); returns the version."""
-        request = {"op": "register", "model_uri": model_uri, "name": name, "tags": tags}
-        return self._wait(self._send(request, answer=True), should_stop)
+        return self._model_wait({"op": "register", "model_uri": model_uri, "name": name, "tags": tags}, should_stop)
 
-    def _wait(self, future: Future, should_stop: Callable[[], bool]):
+    def _model_send(self, request: dict, answer: bool = False) -> Future | None:
+        with _STARTING:
+            if self._model_worker is None:
+                try:
+                    self._model_worker = _WorkerProcess(self.settings.mlflow_tracking_uri, self.redact,
+                                                        lambda action, error: None)  # sends no "off"
+                except Exception as e:
+                    if not answer:
+                        LOGGER.warning("MLflow: cannot start the model's helper process (%s: %s)", type(e).__name__, e)
+                        return None
+                    future: Future = Future()
+                    future.set_exception(WorkerError(f"cannot start MLflow's helper process: {type(e).__name__}: {e}"))
+                    return future
+        return self._model_worker.send(request, answer)
+
+    def _model_wait(self, request: dict, should_stop: Callable[[], bool]):
+        future = self._model_send(request, answer=True)
         deadline = time.monotonic() + self.LOG_MODEL_TIMEOUT
         while True:
             try:
                 return future.result(min(1.0, max(0.0, deadline - time.monotonic())))
             except TimeoutError:
-                if should_stop():
-                    raise Stopped("the job is stopping") from None
-                if time.monotonic() >= deadline:
-                    raise
+                if should_stop() or time.monotonic() >= deadline:
+                    self._stop_model_worker()
+                    if should_stop():
+                        raise Stopped("the job is stopping") from None
+                    raise TimeoutError(f"no answer in {self.LOG_MODEL_TIMEOUT:g} s") from None
+
+    def _stop_model_worker(self) -> None:
+        if self._model_worker is not None:
+            self._model_worker.close(run_made=False)  # killed: what it was still doing is abandoned
 
     def finish(self, status: str) -> None:
         """End the run with FINISHED, FAILED or KILLED, also after a failure switched tracking off
@@ -231,6 +256,7 @@ class Tracker:
                     LOGGER.warning("MLflow: could not mark run %s %s either (%s)", self.run_id, status,
                                    self.redact(_describe(e))[:500])
         finally:
+            self._stop_model_worker()  # its work is done or abandoned by now (a warm-up of a job that failed)
             if self._worker is not None:
                 self._worker.close(run_made=self.run_id is not None)
 

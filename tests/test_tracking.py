@@ -165,35 +165,39 @@ def test_a_helper_process_that_cannot_start_switches_tracking_off(tmp_path, monk
 
 
 LOG_MODEL = """
-import json, sys
+import json, logging, sys
 from pathlib import Path
 
 import torch
 from ultralytics import YOLO
 
 from config import load_settings
-from registry import log_trained_model, prepare_model_logging
+from registry import log_trained_model
 from tracking import Tracker
 from utils import Redactor
 
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")  # the helpers' lines too
 settings = load_settings(json.loads(sys.argv[1]))
 torch.manual_seed(1)
 YOLO("yolo11n.yaml").save(sys.argv[2])
 tracker = Tracker(settings, Redactor([]))
 tracker.prepare()
 tracker.start()
-prepare_model_logging(settings, tracker)  # as training starts
+# (no warm-up here, as in a multi-GPU job: a warm-up at the lowest priority could wait long on a busy machine)
 fields = log_trained_model(settings, tracker, Path(sys.argv[2]), "detect", {"mAP50": 0.25}, lambda: False)
+helpers = (tracker._worker.proc, tracker._model_worker.proc)
 tracker.finish("FINISHED")
-print(json.dumps({"fields": fields, "run_id": tracker.run_id, "mlflow_imported": "mlflow" in sys.modules}))
+print(json.dumps({"fields": fields, "run_id": tracker.run_id, "mlflow_imported": "mlflow" in sys.modules,
+                  "two_helpers": helpers[0].pid != helpers[1].pid, "model_helper_gone": helpers[1].poll() is not None}))
 """
 
 
 def test_the_model_is_logged_and_registered_by_the_helper_and_the_trainer_never_imports_mlflow(tmp_path):
     """Logging the model imported MLflow into the trainer's process (2 s, then 1.4 s scanning the
-    installed packages), sharing the interpreter lock with the final validation and uploads. The
-    helper process logs and registers it now: the model is complete (code, weights, signature,
-    input example, config), and the trainer's process has no MLflow module loaded at the end."""
+    installed packages), sharing the interpreter lock with the final validation and uploads. A helper
+    process of its own logs and registers it now: the model is complete (code, weights, signature,
+    input example, config), the trainer's process has no MLflow module loaded at the end, MLflow's
+    expected warnings stay out of the log, and the model's helper ends with the run."""
     from mlflow.models import get_model_info
 
     variables = {"JOB_ID": "t-model", "DATASET_ID": "d", "STORAGE_TYPE": "local", "WORK_DIR": str(tmp_path),
@@ -204,10 +208,13 @@ def test_the_model_is_logged_and_registered_by_the_helper_and_the_trainer_never_
     assert result.returncode == 0, result.stderr[-3000:]
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["mlflow_imported"] is False
+    assert out["two_helpers"] and out["model_helper_gone"]  # torch's helper is not the run's, and ends with it
     fields = out["fields"]
     assert fields["mlflow_model_uri"].startswith("models:/"), result.stderr[-3000:]
     assert (fields["registered_model_name"], fields["registered_model_version"]) == ("tracking-test-model", 1)
+    assert "MLflow: logged the model as models:/" in result.stderr  # the log is configured: it would show
     assert "could not" not in result.stderr and "WARNING" not in result.stderr  # a clean job logs no warning
+    assert "Any type hint" not in result.stderr and "Failed to log model config" not in result.stderr
 
     settings = settings_for(tmp_path, job="t-model")
     import mlflow
