@@ -128,6 +128,25 @@ def test_a_hung_server_never_makes_the_training_thread_wait(tmp_path, silent_ser
     assert tracker._worker.proc.wait(30) == 0  # the helper gives up on its own (mlflow_worker.END_WAIT)
 
 
+def test_a_job_stopping_while_the_model_is_logged_stops_waiting_and_its_helper(tmp_path, silent_server, monkeypatch):
+    """A stop while the model's helper works (here against a server that never answers) ends the wait
+    within a second or two, and the helper is killed: nothing it would still write to the run (the
+    fluent run's FINISHED) can outlast the job's own end of the run."""
+    from tracking import Stopped
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")
+    tracker = Tracker(settings_for(tmp_path, MLFLOW_TRACKING_URI=silent_server), Redactor([]))
+    tracker.run_id, tracker.experiment_id, tracker.active = "run1", "1", True  # as after start
+    model = {"name": "model", "code": str(ROOT / "pyfunc_model.py"), "weights": str(tmp_path / "best.pt"),
+             "code_paths": [], "pip_requirements": [], "config": {}, "input_example": "x"}
+    stop_at = time.monotonic() + 3
+    with pytest.raises(Stopped):
+        tracker.log_model(model, lambda: time.monotonic() > stop_at)
+    assert time.monotonic() - stop_at < 3
+    assert tracker._model_worker.proc.wait(5) is not None  # killed, not left logging
+
+
 def test_a_trainer_killed_outright_leaves_no_run_running(tmp_path):
     """SIGKILL (out of memory, a node lost) gives the trainer no chance to end its run: the helper
     process sees its pipe close and ends the run KILLED."""
