@@ -84,6 +84,61 @@ def test_a_newer_last_pt_never_lends_its_bytes_to_an_older_best_pt_waiting_to_be
     assert torch.load(stored / "last.pt")["epoch"] == 4 and torch.load(stored / "best.pt")["epoch"] == 3
 
 
+def _gated_uploader(tmp_path, job: str, **kwargs):
+    """A CheckpointUploader on local storage whose uploads wait for the returned gate: a slow store."""
+    import threading
+
+    settings = load_settings({"JOB_ID": job, "DATASET_ID": "d", "STORAGE_TYPE": "local",
+                              "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "work")})
+    storage = Storage(settings.storage)
+    gate = threading.Event()
+    slow_upload = storage.upload
+
+    def upload(path, loc, **kw):
+        gate.wait(30)
+        return slow_upload(path, loc, **kw)
+
+    storage.upload = upload
+    uploader = CheckpointUploader(storage, settings, Backend(BackendSettings(url=None), Redactor([])), **kwargs)
+    return uploader, gate, tmp_path / "store" / "vision-platform" / "checkpoints" / f"job-{job}"
+
+
+def test_a_checkpoint_is_copied_by_the_upload_thread_not_by_the_training_thread(tmp_path):
+    """submit() runs on Ultralytics' training thread: it copies no checkpoint (500 MB for a large model);
+    the upload thread makes the copy right before the upload."""
+    stored_epochs = []
+    uploader, gate, stored = _gated_uploader(tmp_path, "stage1", on_stored=stored_epochs.append)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    uploader.submit({"events.jsonl": _write(weights / "events.jsonl", b"x")}, 1)  # keeps the uploader busy
+    uploader.submit({"last.pt": _checkpoint(weights / "last.pt", 2), "results.csv": _write(weights / "results.csv", b"r")}, 2)
+    staged = sorted(p.name.split("-", 1)[1] for p in uploader.staging.iterdir())
+    assert staged == ["events.jsonl", "results.csv"]  # small files are copied at once, the checkpoint is not
+    gate.set()
+    assert uploader.wait(30) and stored_epochs == [2]
+    assert torch.load(stored / "last.pt")["epoch"] == 2 and not list(uploader.staging.iterdir())
+
+
+def test_a_checkpoint_written_again_before_its_upload_is_skipped_for_the_newer_one(tmp_path):
+    """Uploads slower than epochs, and epoch 4 rewrote last.pt before the uploader took epoch 3's: epoch 3's
+    last.pt is gone, so nothing may go up as epoch 3 (its reports wait for epoch 4's); best.pt, queued as a
+    copy of epoch 3's last.pt, goes up from its own file."""
+    stored_epochs = []
+    uploader, gate, stored = _gated_uploader(tmp_path, "stage2", on_stored=stored_epochs.append)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    uploader.submit({"events.jsonl": _write(weights / "events.jsonl", b"x")}, 2)  # keeps the uploader busy
+    uploader.submit({"last.pt": _checkpoint(weights / "last.pt", 3), "best.pt": _checkpoint(weights / "best.pt", 3)},
+                    3, {"best.pt": "last.pt"})
+    torch.save({"epoch": 4, "blob": torch.zeros(1000)}, weights / "last.pt")  # in place, not submitted yet
+    gate.set()
+    assert uploader.wait(30)
+    assert stored_epochs == [] and not (stored / "last.pt").exists()
+    assert torch.load(stored / "best.pt")["epoch"] == 3
+    uploader.submit({"last.pt": weights / "last.pt"}, 4)
+    assert uploader.wait(30) and stored_epochs == [4] and torch.load(stored / "last.pt")["epoch"] == 4
+
+
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
