@@ -188,19 +188,19 @@ class CheckpointUploader:
                 continue
             if name.endswith(".pt"):
                 items[name] = _Upload(epoch, original=path, signature=file_signature(path), source=copies.get(name))
-            elif name not in copies:
+            else:
                 staged = self._staged_name(name)
                 shutil.copyfile(path, staged)
                 items[name] = _Upload(epoch, staged=staged)
-        items = {name: item for name, item in items.items() if item.source in (None, *items)}
+        items = {name: item if item.source in (None, *items) else dataclasses.replace(item, source=None)
+                 for name, item in items.items()}  # a copy of a file not submitted: its own upload
         with self._cond:  # one batch: a copy never goes without the upload it copies
             for name, item in items.items():
                 old = self._pending.pop(name, None)
                 copier = next((n for n, waiting in self._pending.items() if waiting.source == name), None)
-                if old and copier and copier not in items:  # a waiting copy of the replaced file: its own bytes
-                    self._pending[copier] = dataclasses.replace(self._pending[copier], source=None,
-                                                                staged=old.staged)
-                elif old and old.staged:
+                if copier and copier not in items:  # a waiting copy of the replaced file: its own upload
+                    self._pending[copier] = dataclasses.replace(self._pending[copier], source=None)
+                if old and old.staged:
                     old.staged.unlink(missing_ok=True)
                 self._pending[name] = item
             self._cond.notify_all()
