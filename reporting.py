@@ -1,34 +1,30 @@
 """Ultralytics callbacks and the job's stop signal: what happens while Ultralytics trains.
 
 Owns: StopSignal (SIGTERM, SIGINT and the backend's cancellation, acted on at safe points, with
-one shutdown deadline), the background CheckpointUploader (each epoch's checkpoints checked for
-completeness before they replace the stored ones), and EpochReporter, which turns each epoch into the contract's callbacks
-(sent once the epoch's last.pt is in storage) and MLflow points. The reporter survives
+one shutdown deadline) and EpochReporter, which turns each epoch into the contract's callbacks
+(sent once the epoch's last.pt is in storage, by checkpoints.CheckpointUploader) and MLflow points. The reporter survives
 Ultralytics' multi-GPU relaunch: it is pickled into the DDP workers, where it makes its own clients.
 Environment (through Settings): CHECKPOINT_INTERVAL, SHUTDOWN_TIMEOUT, VALIDATION_IMAGES,
 VALIDATION_CONF; RANK (set by torch.distributed in DDP workers).
-Imports: utils, config, storage, backend, outbox, tracking, validation, progress.
+Imports: utils, config, storage, backend, checkpoints, outbox, tracking, validation, progress.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
-import itertools
 import logging
 import math
 import os
-import shutil
 import signal
 import threading
 import time
 import uuid
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from backend import Backend
-from config import Settings, job_dir
+from checkpoints import CheckpointUploader
+from config import Settings
 from outbox import Outbox
 from progress import epoch_summary
 from storage import Storage
@@ -108,176 +104,6 @@ def stop_workers() -> None:
     for child in psutil.Process().children(recursive=True):
         with contextlib.suppress(psutil.Error):
             child.terminate()
-
-
-def checkpoint_problem(path: Path, whole: bool = True) -> str | None:
-    """Why a checkpoint file must not replace the one in storage, or None. torch saves a zip archive
-    whose directory is written last: a half-written file has none, a damaged one fails its CRCs.
-    Checked without unpickling (which would run code from the file): the directory, and with
-    `whole` every entry's CRC (reading the file through; the per-epoch uploads skip that, see
-    CheckpointUploader)."""
-    import zipfile
-
-    try:
-        with zipfile.ZipFile(path) as zf:
-            bad = zf.testzip() if whole else None
-    except (zipfile.BadZipFile, OSError, EOFError, ValueError) as e:
-        return f"not a complete checkpoint ({type(e).__name__}: {e})"
-    return f"a damaged checkpoint (entry {bad} fails its CRC)" if bad else None
-
-
-@dataclass(frozen=True)
-class _Upload:
-    """A file waiting in CheckpointUploader."""
-
-    epoch: int
-    staged: Path | None = None  # a copy in the staging folder, made at submit; removed after its upload
-    original: Path | None = None  # a checkpoint where Ultralytics wrote it, copied right before its upload
-    signature: tuple | None = None  # the original's file_signature when submitted
-    source: str | None = None  # the same bytes as this batch's file of that name: copied in storage
-
-
-def file_signature(path: Path) -> tuple:
-    """What changes when a file is written again: Ultralytics rewrites last.pt in place (same inode),
-    which moves its modification and change times and usually its size."""
-    st = path.stat()
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
-class CheckpointUploader:
-    """Uploads the latest checkpoint files in the background, one file at a time.
-
-    Ultralytics rewrites last.pt in place each epoch, so a file goes up from a copy in a staging
-    folder. A checkpoint is copied by the upload thread right before its upload, not by `submit`
-    (which runs on the training thread: copying a 500 MB checkpoint there would add a fraction of a
-    second to every epoch); `submit` notes the file's signature, and a copy is kept only if the file
-    had that signature before and after it was made. A checkpoint written again meanwhile is
-    skipped: the newer one is on its way. Small files (results.csv, the event log) are copied at
-    `submit`. A newer file replaces an older one still waiting: uploads never pile up and never run
-    twice at once for the same file. An upload is one request up to Storage.PUT_IN_ONE_UP_TO
-    (`Storage.upload(in_one=True)`), and a checkpoint is checked for completeness by its zip
-    directory, not by reading it whole: the file was written by this job a moment before, and a
-    cut-off one (a worker stopped while writing) has no directory. Every epoch's work here shares
-    the CPU with training; the final files are checked whole (train.upload_outputs).
-    """
-
-    def __init__(self, storage: Storage, settings: Settings, backend: Backend,
-                 on_stored: Callable[[int], None] | None = None, before_last: Callable[[], None] | None = None):
-        self.storage = storage
-        self.prefix = settings.checkpoint_prefix
-        self.backend = backend
-        self.on_stored = on_stored  # called with the epoch once that epoch's last.pt is in storage
-        self.before_last = before_last  # called right before a last.pt goes up (the reports it owes first)
-        self.staging = job_dir(settings) / "staging"
-        shutil.rmtree(self.staging, ignore_errors=True)
-        self.staging.mkdir(parents=True)
-        self._pending: dict[str, _Upload] = {}
-        self._busy = False
-        self._cond = threading.Condition()
-        self._names = itertools.count(1)  # staged file names (next() is atomic: both threads draw)
-        threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True).start()
-
-    def submit(self, files: dict[str, Path], epoch: int, copies: dict[str, str] | None = None) -> None:
-        """Queue files for upload; `copies` names files whose content is another's of this batch
-        (best.pt written from the same bytes as last.pt): those become a server-side copy after
-        the other's upload, not a second upload."""
-        copies = copies or {}
-        items = {}
-        for name, path in files.items():
-            if not path.is_file():
-                continue
-            if name.endswith(".pt"):
-                items[name] = _Upload(epoch, original=path, signature=file_signature(path), source=copies.get(name))
-            else:
-                staged = self._staged_name(name)
-                shutil.copyfile(path, staged)
-                items[name] = _Upload(epoch, staged=staged)
-        items = {name: item if item.source in (None, *items) else dataclasses.replace(item, source=None)
-                 for name, item in items.items()}  # a copy of a file not submitted: its own upload
-        with self._cond:  # one batch: a copy never goes without the upload it copies
-            for name, item in items.items():
-                old = self._pending.pop(name, None)
-                copier = next((n for n, waiting in self._pending.items() if waiting.source == name), None)
-                if copier and copier not in items:  # a waiting copy of the replaced file: its own upload
-                    self._pending[copier] = dataclasses.replace(self._pending[copier], source=None)
-                if old and old.staged:
-                    old.staged.unlink(missing_ok=True)
-                self._pending[name] = item
-            self._cond.notify_all()
-
-    def drop_pending(self) -> None:
-        """Forget uploads not started yet (the final upload supersedes them)."""
-        with self._cond:
-            for item in self._pending.values():
-                if item.staged:
-                    item.staged.unlink(missing_ok=True)
-            self._pending.clear()
-            self._cond.notify_all()
-
-    def wait(self, timeout: float | None = None) -> bool:
-        """Until everything submitted is uploaded; False if the timeout came first."""
-        with self._cond:
-            return self._cond.wait_for(lambda: not self._pending and not self._busy, timeout)
-
-    def _staged_name(self, name: str) -> Path:
-        return self.staging / f"{next(self._names):06d}-{name}"
-
-    def _snapshot(self, name: str, item: _Upload) -> Path | None:
-        """A copy of the checkpoint as it was submitted, or None if it has been written again since."""
-        staged = self._staged_name(name)
-        try:
-            if file_signature(item.original) == item.signature:
-                shutil.copyfile(item.original, staged)
-                if file_signature(item.original) == item.signature:
-                    return staged
-        except FileNotFoundError:
-            pass
-        staged.unlink(missing_ok=True)
-        LOGGER.debug("%s of epoch %d was written again before its upload: the newer one goes instead", name, item.epoch)
-        return None
-
-    def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending)
-                batch = dict(self._pending)  # everything submitted so far, one upload per file
-                self._pending.clear()
-                self._busy = True
-            uploaded = []
-            for name, item in sorted(batch.items(), key=lambda entry: entry[1].source is not None):
-                staged = item.staged
-                try:
-                    if item.source in uploaded:  # the same bytes as a file of this batch: copy it in storage
-                        self.storage.copy(self.storage.locate(self.prefix + item.source),
-                                          self.storage.locate(self.prefix + name))
-                        uploaded.append(name)
-                        continue
-                    if staged is None and item.original:  # (or its source did not go up: its own file)
-                        staged = self._snapshot(name, item)
-                    if staged is None:
-                        continue
-                    if name.endswith(".pt") and (problem := checkpoint_problem(staged, whole=False)):
-                        LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
-                        continue
-                    if name == "last.pt" and self.before_last:
-                        self.before_last()
-                    self.storage.upload(staged, self.storage.locate(self.prefix + name), in_one=True)
-                    uploaded.append(name)
-                except Exception as e:  # the final upload at the end tries again
-                    LOGGER.warning("background upload of %s failed: %s", name, e)
-                finally:
-                    if staged:
-                        staged.unlink(missing_ok=True)
-            checkpoints = [n for n in uploaded if n.endswith(".pt")]
-            if checkpoints:
-                epoch = max(batch[n].epoch for n in checkpoints)
-                self.backend.log(f"checkpoint {' and '.join(checkpoints)} of epoch {epoch} uploaded to "
-                                 f"{self.storage.uri(self.storage.locate(self.prefix))}", epoch=epoch)
-            if "last.pt" in uploaded and self.on_stored:
-                self.on_stored(batch["last.pt"].epoch)
-            with self._cond:
-                self._busy = False
-                self._cond.notify_all()
 
 
 class EpochReporter:

@@ -15,7 +15,8 @@ weights -> start the MLflow run -> train, reporting every epoch -> upload checkp
 
 The pieces live one concern per module: config (settings), storage, backend (callbacks),
 datasets, archives, dataset_check, models, tracking (MLflow, through its helper process
-mlflow_worker), reporting (Ultralytics callbacks, checkpoint uploads, the stop signal), resume,
+mlflow_worker), reporting (Ultralytics callbacks, the stop signal), checkpoints (checked and uploaded
+in the background), resume,
 validation (the per-epoch bodies), cache (WORK_DIR), evaluation, exports and registry (what people
 deploy, after training).
 """
@@ -35,6 +36,7 @@ from dotenv import load_dotenv
 import cache
 import cli
 from backend import Backend
+from checkpoints import checkpoint_problem
 from config import Settings, backend_settings, job_dir, load_settings, log_configuration
 from dataset_check import check_dataset_or_fail
 from datasets import download_dataset
@@ -50,7 +52,7 @@ from models import (
     ultralytics_refusal,
 )
 from registry import log_trained_model, prepare_model_logging
-from reporting import EpochReporter, StopSignal, checkpoint_problem
+from reporting import EpochReporter, StopSignal
 from resume import COMPLETED_MARKER, completed_before, mark_completed, prepare_run
 from storage import Storage
 from tracking import Tracker

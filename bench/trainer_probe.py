@@ -30,6 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 import backend  # noqa: E402
 import cache  # noqa: E402
+import checkpoints  # noqa: E402
 import datasets  # noqa: E402
 import outbox  # noqa: E402
 import reporting  # noqa: E402
@@ -43,7 +44,8 @@ WRAPPED = [
     (reporting.EpochReporter, "on_pretrain_routine_end"), (reporting.EpochReporter, "on_batch_end"),
     (reporting.EpochReporter, "on_val_start"), (reporting.EpochReporter, "on_train_epoch_end"),
     (reporting.EpochReporter, "on_model_save"), (reporting.EpochReporter, "on_fit_epoch_end"),
-    (reporting.CheckpointUploader, "submit"), (reporting, "checkpoint_problem"), (storage.Storage, "upload"),
+    (checkpoints.CheckpointUploader, "submit"), (checkpoints.CheckpointUploader, "_snapshot"),
+    (checkpoints, "checkpoint_problem"), (storage.Storage, "upload"),
     (storage.Storage, "put_bytes"), (storage.Storage, "copy"), (outbox.Outbox, "write"),
     (storage.Storage, "head"), (storage.Storage, "download"), (storage, "file_digest"), (backend.Backend, "_attempt"),
     (backend.Backend, "poll_health_now"), (backend.Backend, "close"), (reporting, "epoch_report"),

@@ -453,8 +453,8 @@ def test_a_damaged_checkpoint_never_replaces_the_good_one_in_storage(tmp_path):
     """Multi-GPU: SIGTERM may reach a DDP worker while it writes last.pt; what it leaves is checked
     before it replaces the stored checkpoint."""
     from backend import Backend
+    from checkpoints import CheckpointUploader
     from config import BackendSettings, load_settings
-    from reporting import CheckpointUploader
     from storage import Storage
     from utils import Redactor
 

@@ -8,8 +8,8 @@ import uuid
 import torch
 
 from backend import Backend
+from checkpoints import CheckpointUploader, checkpoint_problem
 from config import BackendSettings, load_settings
-from reporting import CheckpointUploader, checkpoint_problem
 from storage import Storage
 from tests.conftest import ACCESS_KEY, SECRET_KEY, spawn_server, storage_env, with_group
 from utils import Redactor
