@@ -5,6 +5,7 @@ by side (issue 13's dataset-fetch targets).
     python -m bench.fetch_bench --archive-mb 60 --files 300 --rounds 2      # a quick check
     python -m bench.fetch_bench --shapes archive      # one shape per invocation: shorter runs
     python -m bench.fetch_bench --shapes '' --download-variants     # the archive's download, by client
+    python -m bench.fetch_bench --shapes prefix --latency-ms 30     # the prefix from a store 30 ms away
 
 One moto S3 server (`python -m moto.server`, its own process) holds two datasets:
 - an archive of about --archive-mb MB (images of 20-60 KB of random bytes, a label file each, a
@@ -37,6 +38,12 @@ MinIO serve a range in time proportional to the range. --download-variants times
 alone by s5cmd (50 MB parts), boto3 with its default and with larger parts, and one streamed
 get_object, to show how much of a gap is the part count. On the prefix, moto's request rate bounds
 every client on a small machine; a client's request count per object matters there.
+
+--latency-ms N puts bench/s3_count_proxy.py between every client and moto, holding each request N
+ms (a store N ms away, as R2 or S3 is from most clusters; moto on the same machine answers in about
+8 ms). A sequential loop then pays the round trip once per object, and clients with requests in
+flight side by side pay it once per batch. The proxy forwards bodies in Python on the same cores, so
+use it for the prefix; the archive's figures would include the proxy's copying.
 """
 
 from __future__ import annotations
@@ -145,15 +152,29 @@ class Server:
                 time.sleep(0.3)
         self.s3.create_bucket(Bucket=BUCKET)
 
+    def delayed(self, work: Path, latency_ms: float) -> str:
+        """The endpoint of a proxy in front of this server that holds every request latency_ms."""
+        self.proxy = subprocess.Popen([sys.executable, "-m", "bench.s3_count_proxy", "--upstream", self.endpoint,
+                                       "--record", str(work / "proxy-requests.tsv"), "--delay-ms", str(latency_ms)],
+                                      cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, text=True,
+                                      start_new_session=True)
+        line = self.proxy.stdout.readline()
+        if not line.startswith("PORT "):
+            raise SystemExit(f"the delaying proxy did not start: {line!r}")
+        return f"http://127.0.0.1:{int(line.split()[1])}"
+
     def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, signal.SIGTERM)
-            self.proc.wait(10)
-        except ProcessLookupError:
-            pass
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait(10)
+        for proc in (self.proc, getattr(self, "proxy", None)):
+            if proc is None:
+                continue
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(10)
+            except ProcessLookupError:
+                pass
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait(10)
         self.log.close()
 
 
@@ -358,15 +379,20 @@ def fmt(v: float | None, spec: str = ".1f") -> str:
 def report(results: dict, args, load: str, sizes: dict) -> None:
     shapes = [s for s in args.shapes.split(",") if s]
     s5_version = subprocess.run([s5cmd_binary(), "version"], capture_output=True, text=True).stdout.strip()
+    latency = (f", every request held {args.latency_ms:g} ms by a proxy (a store that far away)" if args.latency_ms
+               else "")
     print(f"\n{time.strftime('%Y-%m-%d %H:%M')}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"moto S3 server on this machine; s5cmd {s5_version}; median of {max(len(v) for v in results.values())} rounds, order rotating; "
-          f"load before: {load}\n")
-    print(f"- archive: {sizes['archive_mb']:.0f} MB {args.format} ({sizes['archive'][0]} files, "
-          f"{sizes['archive'][1] / 1e6:.0f} MB extracted); s5cmd side: `s5cmd cp` then "
-          f"{'`unzip -q`' if args.format == 'zip' else '`tar -xf`'}; boto3 side: `download_file` then "
-          f"{'zipfile' if args.format == 'zip' else 'tarfile'} `extractall`")
-    print(f"- prefix: {sizes['prefix'][0]} objects, {sizes['prefix'][1] / 1e6:.0f} MB; boto3 side: one `get_object` "
-          "at a time\n")
+          f"moto S3 server on this machine{latency}; s5cmd {s5_version}; median of {max(len(v) for v in results.values())} "
+          f"rounds, order rotating; load before: {load}\n")
+    if "archive" in shapes:
+        print(f"- archive: {sizes['archive_mb']:.0f} MB {args.format} ({sizes['archive'][0]} files, "
+              f"{sizes['archive'][1] / 1e6:.0f} MB extracted); s5cmd side: `s5cmd cp` then "
+              f"{'`unzip -q`' if args.format == 'zip' else '`tar -xf`'}; boto3 side: `download_file` then "
+              f"{'zipfile' if args.format == 'zip' else 'tarfile'} `extractall`")
+    if "prefix" in shapes:
+        print(f"- prefix: {sizes['prefix'][0]} objects, {sizes['prefix'][1] / 1e6:.0f} MB; boto3 side: one "
+              "`get_object` at a time")
+    print()
     print("| shape | s5cmd s | trainer s | sequential boto3 s | trainer / s5cmd | target | boto3 / trainer | target |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |")
     for shape in shapes:
@@ -417,6 +443,8 @@ def main() -> None:
     parser.add_argument("--stored-checksum", choices=("md5", "crc32"), default="md5",
                         help="what the trainer verifies against: the MD5 ETag (objects uploaded without a checksum), "
                              "or a CRC32 the store keeps (boto3 >= 1.36's default upload)")
+    parser.add_argument("--latency-ms", type=float, default=0.0,
+                        help="hold every request this long, through bench/s3_count_proxy.py (a distant store)")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "yolo-trainer-bench" / "fetch")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -431,7 +459,8 @@ def main() -> None:
 
     server = Server(work, args.stored_checksum)
     try:
-        ctx = {"work": work, "endpoint": server.endpoint, "s3": client(server.endpoint), "format": args.format,
+        endpoint = server.delayed(work, args.latency_ms) if args.latency_ms else server.endpoint
+        ctx = {"work": work, "endpoint": endpoint, "s3": client(endpoint), "format": args.format,
                "key": f"datasets/{archive.name}", "prefix": "datasets/images-prefix/",
                "archive_expected": (archive_files, archive_bytes),
                "prefix_expected": (len(prefix_files), sum(len(d) for _, d in prefix_files))}

@@ -12,6 +12,10 @@ no waiting. One tab-separated line per request, written when the answer is compl
 `started`/`finished` are time.time(); `bytes_in` is the request body (a PutObject's or an
 UploadPart's content; 0 for a server-side CopyObject, whose `copy_source` names the source).
 It prints `PORT <n>` on its first line of output once it listens on 127.0.0.1.
+
+`--delay-ms N` holds every request N ms before forwarding it, as a store N ms away would (one round
+trip per request; requests in flight side by side wait side by side): bench/fetch_bench.py
+--latency-ms uses it to compare clients against a distant store.
 """
 
 from __future__ import annotations
@@ -27,7 +31,7 @@ CHUNK = 1 << 20
 HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade", "expect"}
 
 
-def make_handler(upstream: str, record: str):
+def make_handler(upstream: str, record: str, delay: float = 0.0):
     target = urlparse(upstream)
     lock = threading.Lock()
     local = threading.local()  # one upstream connection per proxy thread, kept alive
@@ -70,6 +74,8 @@ def make_handler(upstream: str, record: str):
 
         def _handle(self) -> None:
             started, self.bytes_in, bytes_out = time.time(), 0, 0
+            if delay:
+                time.sleep(delay)
             response = self._forward()
             declared = response.getheader("Content-Length")
             whole = None
@@ -107,8 +113,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--upstream", required=True, help="the S3 server's URL, http://host:port")
     parser.add_argument("--record", required=True, help="file to append one line per request to")
+    parser.add_argument("--delay-ms", type=float, default=0.0, help="hold every request this long (a distant store)")
     args = parser.parse_args()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(args.upstream, args.record))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), make_handler(args.upstream, args.record, args.delay_ms / 1000))
     server.daemon_threads = True
     print(f"PORT {server.server_address[1]}", flush=True)
     server.serve_forever()
