@@ -52,6 +52,11 @@ class _Upload:
     source: str | None = None  # the same bytes as this batch's file of that name: copied in storage
 
 
+def _uncopied(item: _Upload) -> bool:
+    """A checkpoint to copy before its upload (not a server-side copy of another file)."""
+    return item.original is not None and item.staged is None and item.source is None
+
+
 def file_signature(path: Path) -> tuple:
     """What changes when a file is written again: Ultralytics rewrites last.pt in place (same inode),
     which moves its modification and change times and usually its size."""
@@ -89,6 +94,7 @@ class CheckpointUploader:
         self._pending: dict[str, _Upload] = {}
         self._busy = False
         self._cond = threading.Condition()
+        self._copying = threading.Lock()  # held while checkpoints are copied for their upload
         self._names = itertools.count(1)  # staged file names (next() is atomic: both threads draw)
         threading.Thread(target=self._run, name="checkpoint-uploader", daemon=True).start()
 
@@ -137,27 +143,65 @@ class CheckpointUploader:
     def _staged_name(self, name: str) -> Path:
         return self.staging / f"{next(self._names):06d}-{name}"
 
+    def secure(self) -> None:
+        """Copy now, on the calling thread, each checkpoint still waiting for the upload thread to copy
+        it. EpochReporter calls this before Ultralytics may write checkpoints again (at the end of an
+        epoch's training, before its validation and save; and after the last epoch's submit in a
+        multi-GPU job, before the final strip), so a submitted checkpoint is never lost to a rewrite
+        while uploads run behind. When uploads keep up, nothing is waiting and this costs nothing."""
+        try:
+            with self._copying:  # the upload thread copies what it takes under the same lock
+                with self._cond:
+                    waiting = {n: item for n, item in self._pending.items() if _uncopied(item)}
+                for name, item in waiting.items():
+                    staged = self._snapshot(name, item)
+                    with self._cond:
+                        if self._pending.get(name) is item and staged:  # not taken meanwhile
+                            self._pending[name] = dataclasses.replace(item, staged=staged)
+                        elif staged:
+                            staged.unlink(missing_ok=True)
+        except Exception as e:  # never let the uploads' bookkeeping break training
+            LOGGER.warning("copying checkpoints for their upload failed: %s", e)
+
     def _snapshot(self, name: str, item: _Upload) -> Path | None:
         """A copy of the checkpoint as it was submitted, or None if it has been written again since."""
-        staged = self._staged_name(name)
+        staged, kept = self._staged_name(name), False
         try:
             if file_signature(item.original) == item.signature:
                 shutil.copyfile(item.original, staged)
-                if file_signature(item.original) == item.signature:
-                    return staged
+                kept = file_signature(item.original) == item.signature and staged.stat().st_size == item.signature[1]
         except FileNotFoundError:
             pass
-        staged.unlink(missing_ok=True)
-        LOGGER.debug("%s of epoch %d was written again before its upload: the newer one goes instead", name, item.epoch)
-        return None
+        finally:
+            if not kept:
+                staged.unlink(missing_ok=True)
+        if not kept:
+            LOGGER.debug("%s of epoch %d was written again before its upload: the newer one goes instead",
+                         name, item.epoch)
+        return staged if kept else None
+
+    def _take(self) -> dict[str, _Upload]:
+        """Everything submitted so far, one upload per file, its checkpoints copied at once (a copy is
+        local and quick; uploads are not, and the next epoch may rewrite what waits behind them)."""
+        with self._cond:
+            self._cond.wait_for(lambda: self._pending)
+        with self._copying, self._cond:
+            batch = dict(self._pending)
+            self._pending.clear()
+            self._busy = True
+        with self._copying:
+            for name, item in batch.items():
+                if _uncopied(item):
+                    try:
+                        batch[name] = dataclasses.replace(item, staged=self._snapshot(name, item), original=None)
+                    except Exception as e:
+                        LOGGER.warning("copying %s for its upload failed: %s", name, e)
+                        batch[name] = dataclasses.replace(item, original=None)
+        return batch
 
     def _run(self) -> None:
         while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._pending)
-                batch = dict(self._pending)  # everything submitted so far, one upload per file
-                self._pending.clear()
-                self._busy = True
+            batch = self._take()
             uploaded = []
             for name, item in sorted(batch.items(), key=lambda entry: entry[1].source is not None):
                 staged = item.staged
@@ -167,9 +211,9 @@ class CheckpointUploader:
                                           self.storage.locate(self.prefix + name))
                         uploaded.append(name)
                         continue
-                    if staged is None and item.original:  # (or its source did not go up: its own file)
+                    if staged is None and item.original:  # its source did not go up: its own file
                         staged = self._snapshot(name, item)
-                    if staged is None:
+                    if staged is None:  # written again before it was copied: a newer one follows
                         continue
                     if name.endswith(".pt") and (problem := checkpoint_problem(staged, whole=False)):
                         LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)

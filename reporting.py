@@ -250,6 +250,8 @@ class EpochReporter:
     def on_train_epoch_end(self, trainer) -> None:
         train = {**trainer.label_loss_items(trainer.tloss, prefix="train"), **trainer.lr}
         self._pending = (trainer.epoch, finite_floats(train))
+        if self._uploader:  # this epoch's save will rewrite last.pt: a checkpoint still waiting is copied now
+            self._uploader.secure()
 
     def on_model_save(self, trainer) -> None:
         """Ultralytics just wrote last.pt (and best.pt if this epoch is the best): upload them."""
@@ -267,13 +269,17 @@ class EpochReporter:
                 copies["best.pt"] = "last.pt"
         if files:
             files.update({"results.csv": Path(trainer.csv), "events.jsonl": self.event_log})
-            self._saved = (files, epoch, copies)  # submitted at on_fit_epoch_end, once this epoch's reports exist
+            self._saved = (files, epoch, copies, bool(trainer.stop))  # submitted at on_fit_epoch_end, once
+            # this epoch's reports exist; the last epoch's (multi-GPU) copied at once: the final strip follows
 
     def _submit_saved(self) -> None:
         """Upload what on_model_save kept (the next callback, on_fit_epoch_end, comes straight after it)."""
         saved, self._saved = self._saved, None
         if saved:
-            self.uploader.submit(*saved)
+            files, epoch, copies, last = saved
+            self.uploader.submit(files, epoch, copies)
+            if last:
+                self.uploader.secure()
 
     def on_fit_epoch_end(self, trainer) -> None:
         try:

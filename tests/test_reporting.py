@@ -139,6 +139,42 @@ def test_a_checkpoint_written_again_before_its_upload_is_skipped_for_the_newer_o
     assert uploader.wait(30) and stored_epochs == [4] and torch.load(stored / "last.pt")["epoch"] == 4
 
 
+def test_a_checkpoint_waiting_behind_slow_uploads_is_copied_before_the_next_save(tmp_path):
+    """CHECKPOINT_INTERVAL=5 and a slow store: epoch 5's last.pt still waits when epoch 6 ends its training.
+    The reporter's on_train_epoch_end copies it then (secure), so epoch 6's save, which rewrites last.pt
+    and submits nothing, cannot take it: epoch 5 goes up as it was and is reported stored."""
+    stored_epochs = []
+    uploader, gate, stored = _gated_uploader(tmp_path, "stage3", on_stored=stored_epochs.append)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    uploader.submit({"events.jsonl": _write(weights / "events.jsonl", b"x")}, 4)  # keeps the uploader busy
+    uploader.submit({"last.pt": _checkpoint(weights / "last.pt", 5)}, 5)
+    uploader.secure()  # epoch 6's on_train_epoch_end
+    torch.save({"epoch": 6, "blob": torch.zeros(1000)}, weights / "last.pt")  # epoch 6's save, not submitted
+    gate.set()
+    assert uploader.wait(30) and stored_epochs == [5] and torch.load(stored / "last.pt")["epoch"] == 5
+    assert not list(uploader.staging.iterdir())
+
+
+def test_the_checkpoints_of_a_batch_are_copied_when_the_upload_thread_takes_it(tmp_path):
+    """A batch of best.pt and last.pt (not copies of each other) behind a slow upload: both are copied when
+    the upload thread takes the batch, so last.pt rewritten while best.pt goes up still goes up as it was."""
+    import time
+
+    stored_epochs = []
+    uploader, gate, stored = _gated_uploader(tmp_path, "stage4", on_stored=stored_epochs.append)
+    weights = tmp_path / "w"
+    weights.mkdir()
+    uploader.submit({"best.pt": _checkpoint(weights / "best.pt", 7), "last.pt": _checkpoint(weights / "last.pt", 7)}, 7)
+    deadline = time.monotonic() + 30
+    while len(list(uploader.staging.iterdir())) < 2 and time.monotonic() < deadline:  # taken and copied
+        time.sleep(0.01)
+    torch.save({"epoch": 8, "blob": torch.zeros(1000)}, weights / "last.pt")  # while best.pt waits at the gate
+    gate.set()
+    assert uploader.wait(30) and stored_epochs == [7]
+    assert torch.load(stored / "last.pt")["epoch"] == 7 and torch.load(stored / "best.pt")["epoch"] == 7
+
+
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
