@@ -185,11 +185,11 @@ class CheckpointUploader:
         local and quick; uploads are not, and the next epoch may rewrite what waits behind them)."""
         with self._cond:
             self._cond.wait_for(lambda: self._pending)
-        with self._copying, self._cond:
-            batch = dict(self._pending)
-            self._pending.clear()
-            self._busy = True
-        with self._copying:
+        with self._copying:  # taken and copied under one hold: secure() never finds a batch taken, uncopied
+            with self._cond:
+                batch = dict(self._pending)
+                self._pending.clear()
+                self._busy = True
             for name, item in batch.items():
                 if _uncopied(item):
                     try:
