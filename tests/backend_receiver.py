@@ -46,6 +46,10 @@ def make_handler(args: argparse.Namespace):
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             route = self.path.rstrip("/").rsplit("/", 1)[-1]
+            if len(raw) < length:  # the client went away mid-body (a killed job): no request, as for FastAPI
+                self._record(method, route, None, "incomplete")
+                self.close_connection = True
+                return
             with lock:
                 roll = rng.random()
             try:
