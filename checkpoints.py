@@ -64,6 +64,13 @@ def file_signature(path: Path) -> tuple:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def coarse_times(signature: tuple | None) -> bool:
+    """A file system that keeps whole seconds only (some network and older file systems): two writes
+    within one second can leave the same signature, so the signature cannot vouch for a copy. Nanosecond
+    time stamps are a whole second once in a billion writes (an extra check, then; nothing worse)."""
+    return signature is not None and signature[2] % 1_000_000_000 == 0
+
+
 class CheckpointUploader:
     """Uploads the latest checkpoint files in the background, one file at a time.
 
@@ -78,7 +85,10 @@ class CheckpointUploader:
     (`Storage.upload(in_one=True)`), and a checkpoint is checked for completeness by its zip
     directory, not by reading it whole: the file was written by this job a moment before, and a
     cut-off one (a worker stopped while writing) has no directory. Every epoch's work here shares
-    the CPU with training; the final files are checked whole (train.upload_outputs).
+    the CPU with training; the final files are checked whole (train.upload_outputs), and so is each
+    copy where the file system's time stamps are whole seconds (coarse_times): there a copy taken
+    while the file was written again could pass the signature, begin with the old checkpoint and end
+    with the new one's directory, and only the entries' CRCs tell.
     """
 
     def __init__(self, storage: Storage, settings: Settings, backend: Backend,
@@ -215,7 +225,8 @@ class CheckpointUploader:
                         staged = self._snapshot(name, item)
                     if staged is None:  # written again before it was copied: a newer one follows
                         continue
-                    if name.endswith(".pt") and (problem := checkpoint_problem(staged, whole=False)):
+                    whole = coarse_times(item.signature)  # read through where time stamps cannot vouch for the copy
+                    if name.endswith(".pt") and (problem := checkpoint_problem(staged, whole)):
                         LOGGER.warning("not uploading %s: %s; the copy in storage stays", name, problem)
                         continue
                     if name == "last.pt" and self.before_last:

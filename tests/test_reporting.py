@@ -175,6 +175,33 @@ def test_the_checkpoints_of_a_batch_are_copied_when_the_upload_thread_takes_it(t
     assert torch.load(stored / "last.pt")["epoch"] == 7 and torch.load(stored / "best.pt")["epoch"] == 7
 
 
+def test_where_time_stamps_are_whole_seconds_each_copy_is_checked_by_its_crcs(tmp_path):
+    """On a file system that keeps whole seconds, last.pt written again within a second of its submit keeps
+    its signature, and a copy taken meanwhile can begin with the old checkpoint and end with the new one's
+    zip directory: the directory check passes it. There every copy is read through against its CRCs, and
+    a torn one is not uploaded (nor reported stored); the next whole one goes up."""
+    import os
+
+    stored_epochs = []
+    uploader, gate, stored = _gated_uploader(tmp_path, "coarse", on_stored=stored_epochs.append)
+    gate.set()
+    weights = tmp_path / "w"
+    weights.mkdir()
+    old, new = (_checkpoint(weights / f"{n}.pt", n, torch.arange(50_000, dtype=torch.float32) + n).read_bytes()
+                for n in (1, 2))
+    assert len(old) == len(new)
+    torn = _write(weights / "last.pt", old[: len(old) // 2] + new[len(old) // 2:])
+    assert checkpoint_problem(torn, whole=False) is None  # the directory alone cannot tell
+    whole_second = 1_700_000_000 * 10**9
+    os.utime(torn, ns=(whole_second, whole_second))
+    uploader.submit({"last.pt": torn}, 1)
+    assert uploader.wait(30) and stored_epochs == [] and not (stored / "last.pt").exists()
+    (weights / "last.pt").write_bytes(new)
+    os.utime(weights / "last.pt", ns=(whole_second, whole_second))
+    uploader.submit({"last.pt": weights / "last.pt"}, 2)
+    assert uploader.wait(30) and stored_epochs == [2] and torch.load(stored / "last.pt")["epoch"] == 2
+
+
 def _write(path, data: bytes):
     path.write_bytes(data)
     return path
@@ -196,8 +223,8 @@ def test_a_checkpoint_is_checked_by_its_directory_each_epoch_and_by_its_crcs_at_
     assert "fails its CRC" in checkpoint_problem(tmp_path / "flipped.pt")
 
 
-def _checkpoint(path, epoch: int):
-    torch.save({"epoch": epoch}, path)
+def _checkpoint(path, epoch: int, blob=None):
+    torch.save({"epoch": epoch} if blob is None else {"epoch": epoch, "blob": blob}, path)
     return path
 
 
