@@ -3,7 +3,7 @@ the same arguments, both as whole processes, alternating, medians (issue 13's ta
 
     python -m bench.overhead_bench [--pairs 3] [--epochs 8] [--train 24] [--val 8] [--imgsz 64]
         [--batch 8] [--workers N] [--model yolo11n.yaml] [--mlflow server|sqlite] [--fresh-work-dir]
-        [--direct] [--probe] [--set KEY=VALUE ...]
+        [--direct] [--probe] [--upload-reference] [--set KEY=VALUE ...]
     python -m bench.overhead_bench --pairs 1 --epochs 3 --no-warmup      # a quick check
 
 Services, each its own process (group), started once and stopped at the end:
@@ -32,6 +32,10 @@ key, over the epochs) and at the end. Prints the table with the issue's targets,
 which train.py reached each of its steps. --direct: train.py talks to moto without the proxy (no byte
 counts; shows what the proxy itself costs). --probe: one more train.py run through
 bench/trainer_probe.py, with the wall and CPU time of train.py's own functions and threads.
+--upload-reference: a third process in each round, plain Ultralytics that also puts each epoch's
+last.pt in the same S3 server (bench/plain_train.py's one-callback upload), and a second table of
+train.py against it: what train.py adds beyond uploading a checkpoint every epoch, which on a
+machine this small includes the S3 server's own CPU (issue 13: keep the store's CPU out of the figure).
 """
 
 from __future__ import annotations
@@ -319,18 +323,25 @@ def run_process(side: str, cmd: list[str], env: dict, cwd: Path, csv: Path, log:
     return run
 
 
-def plain_run(n: int, args, work: Path, data_yaml: Path, dataset: Path, env: dict) -> Run:
+def plain_run(n: int, args, work: Path, data_yaml: Path, dataset: Path, env: dict,
+              services: Services | None = None) -> Run:
+    """Plain Ultralytics; with services, the same plus a checkpoint upload per epoch to their S3 server."""
     for cache in dataset.rglob("*.cache"):  # Ultralytics' labels cache: both sides build it once per run
         cache.unlink()
+    side = "plain + upload" if services else "plain"
     project = work / "plain-runs"
-    name = f"run{n}"
+    name = f"run{n}{'-upload' if services else ''}"
     shutil.rmtree(project / name, ignore_errors=True)
     train_args = {"epochs": args.epochs, "imgsz": args.imgsz, "batch": args.batch, "lr0": args.lr0,
                   "optimizer": "AdamW", "workers": args.workers, "device": "cpu", "seed": 0, "plots": False}
     cmd = [sys.executable, "-m", "bench.plain_train", str(data_yaml), args.model, str(project), name,
            json.dumps(train_args)]
-    run = run_process("plain", cmd, env, ROOT, project / name / "results.csv", work / "logs" / f"plain-{n}.log",
-                      args.timeout)
+    if services:  # the same way to the store as train.py's: through the counting proxy unless --direct
+        endpoint = services.s3_direct if args.direct else services.s3_proxy
+        cmd.append(json.dumps({"endpoint": endpoint, "bucket": BUCKET, "prefix": f"plain/{name}/",
+                               "access_key": ACCESS_KEY, "secret_key": SECRET_KEY}))
+    run = run_process(side, cmd, env, ROOT, project / name / "results.csv",
+                      work / "logs" / f"plain-{n}{'-upload' if services else ''}.log", args.timeout)
     shutil.rmtree(project / name, ignore_errors=True)
     return run
 
@@ -431,6 +442,19 @@ def fmt(value: float | None, spec: str = ".2f") -> str:
 
 def mb(n: float | None) -> str:
     return "n/a" if n is None or n != n else f"{n / 1e6:.1f} MB"
+
+
+def report_upload_reference(uploading: list[Run], ours: list[Run]) -> None:
+    """train.py against plain Ultralytics that also uploads last.pt every epoch (--upload-reference)."""
+    print("\ntrain.py against plain Ultralytics that also puts each epoch's last.pt in the same S3 server "
+          "(the upload and the server's CPU on both sides):\n")
+    print("| measure | plain + per-epoch upload | train.py | train.py vs it |")
+    print("| --- | ---: | ---: | ---: |")
+    for name, key in (("time per epoch, s", "per_epoch"), ("CPU s per epoch (the process and its workers)", "cpu_per_epoch"),
+                      ("the same, less MLflow's helper process", "cpu_per_epoch_without_helper"),
+                      ("whole process, wall s", "wall")):
+        a, b = median([getattr(r, key) for r in uploading]), median([getattr(r, key) for r in ours])
+        print(f"| {name} | {fmt(a)} | {fmt(b)} | {fmt(b / a if a else None, '.3f')}x |")
 
 
 def report(plain: list[Run], ours: list[Run], args, load: str) -> None:
@@ -545,6 +569,8 @@ def main() -> None:
     parser.add_argument("--direct", action="store_true", help="train.py talks to moto directly: no byte counts")
     parser.add_argument("--probe", action="store_true",
                         help="one more train.py run through bench/trainer_probe.py: where its time goes, by function")
+    parser.add_argument("--upload-reference", action="store_true",
+                        help="a third run per round: plain Ultralytics that uploads last.pt every epoch")
     parser.add_argument("--set", type=variable, action="append", default=[], metavar="KEY=VALUE",
                         help="a variable for train.py (repeatable; KEY= unsets it): to see what one part costs, "
                              "e.g. --set CALLBACK_URL= --set CHECKPOINT_INTERVAL=1000")
@@ -571,27 +597,35 @@ def main() -> None:
         if not args.no_warmup:
             plain_run(0, args, work, data_yaml, dataset, plain_env)
             trainer_run(0, args, work, services, archive, env)
-        plain, ours, probe_run = [], [], None
+        runs: dict[str, list[Run]] = {"plain": [], "train.py": [], "plain + upload": []}
+        sides = list(runs) if args.upload_reference else ["plain", "train.py"]
+        probe_run = None
         signal.signal(signal.SIGTERM, interrupted)  # `timeout` ends a long run: report the pairs done
         try:
             for n in range(1, args.pairs + 1):
-                order = ("plain", "train.py") if n % 2 else ("train.py", "plain")
+                order = sides[(n - 1) % len(sides):] + sides[:(n - 1) % len(sides)]  # each side leads in turn
                 for side in order:
-                    run = (plain_run(n, args, work, data_yaml, dataset, plain_env) if side == "plain"
-                           else trainer_run(n, args, work, services, archive, env))
+                    if side == "train.py":
+                        run = trainer_run(n, args, work, services, archive, env)
+                    else:
+                        run = plain_run(n, args, work, data_yaml, dataset, plain_env,
+                                        services if side == "plain + upload" else None)
                     if run.code != 0:
                         raise SystemExit(f"{side} run {n} exited {run.code}; see {work / 'logs'}")
-                    (plain if side == "plain" else ours).append(run)
-                    print(f"pair {n}: {side} {run.wall:.1f} s", file=sys.stderr)
+                    runs[side].append(run)
+                    print(f"round {n}: {side} {run.wall:.1f} s", file=sys.stderr)
             if args.probe:
                 probe_run = trainer_run(args.pairs + 1, args, work, services, archive, env, probe=work / "probe.json")
         except KeyboardInterrupt:
             print("interrupted: reporting the runs completed so far", file=sys.stderr)
     finally:
         services.stop()
+    plain, ours = runs["plain"], runs["train.py"]
     if not plain or not ours:
         raise SystemExit("no complete run on each side: nothing to report")
     report(plain, ours, args, load)
+    if runs["plain + upload"]:
+        report_upload_reference(runs["plain + upload"], ours)
     if probe_run:
         report_probe(work / "probe.json", args.epochs, probe_run.exit)
     if not args.workdir:

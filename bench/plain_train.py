@@ -1,8 +1,13 @@
 """The reference for bench/overhead_bench.py: plain Ultralytics training, as a user would run it.
 
-    python -m bench.plain_train DATA_YAML MODEL PROJECT NAME '{"epochs": 8, "imgsz": 64, ...}'
+    python -m bench.plain_train DATA_YAML MODEL PROJECT NAME '{"epochs": 8, "imgsz": 64, ...}' [UPLOAD]
 
 One `YOLO(MODEL).train(data=DATA_YAML, project=PROJECT, name=NAME, **ARGS)` call, nothing else.
+With UPLOAD, a JSON object {"endpoint", "bucket", "prefix", "access_key", "secret_key"}: the same
+training plus what a user would add to keep each epoch's checkpoint in S3 (bench/overhead_bench.py
+--upload-reference): one callback that, after each epoch's save, copies last.pt aside and PUTs the
+copy from a thread with a plain boto3 client; the last upload is waited for before exit. No checks,
+reports or retries beyond boto3's: the least a checkpoint upload per epoch costs.
 The only set-up it shares with train.py is what keeps the comparison fair: Ultralytics offline
 with its integrations off (train.py's prepare_ultralytics switches off the same ones, and its
 own MLflow run is what is being measured) and the same timestamped logging, to stderr, with
@@ -12,7 +17,11 @@ Ultralytics' messages routed through it (train.py's setup_logging).
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 os.environ.setdefault("YOLO_OFFLINE", "1")
 
@@ -24,8 +33,34 @@ def setup_logging() -> None:
     logging.getLogger().setLevel("INFO")
 
 
+def checkpoint_upload(target: dict):
+    """An Ultralytics callback (on_fit_epoch_end, after the epoch's save) that puts a copy of last.pt in
+    S3 from one thread, and the thread pool to wait for at the end."""
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=target["endpoint"], aws_access_key_id=target["access_key"],
+                      aws_secret_access_key=target["secret_key"], region_name="us-east-1")
+    pool = ThreadPoolExecutor(1)
+    staging = Path(tempfile.mkdtemp(prefix="plain-upload-"))
+
+    def put(path: Path, key: str) -> None:
+        with path.open("rb") as body:
+            s3.put_object(Bucket=target["bucket"], Key=key, Body=body)
+        path.unlink()
+
+    def on_fit_epoch_end(trainer) -> None:
+        # (called once more, as epoch `epochs`, for the final validation after last.pt was stripped: not an epoch)
+        if trainer.last.is_file() and trainer.epoch < trainer.epochs:  # rewritten next epoch: a copy goes up
+            copy = staging / f"last-{trainer.epoch}.pt"
+            shutil.copyfile(trainer.last, copy)
+            pool.submit(put, copy, target["prefix"] + "last.pt")
+
+    return on_fit_epoch_end, pool
+
+
 def main() -> None:
     data, model, project, name, args = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4], json.loads(sys.argv[5])
+    upload = json.loads(sys.argv[6]) if len(sys.argv) > 6 else None
     setup_logging()
     from ultralytics import YOLO, settings
     from ultralytics.utils import LOGGER
@@ -34,7 +69,14 @@ def main() -> None:
                      "tensorboard": False, "raytune": False})
     LOGGER.handlers.clear()
     LOGGER.propagate = True
-    YOLO(model).train(data=data, project=project, name=name, exist_ok=True, **args)
+    yolo = YOLO(model)
+    pool = None
+    if upload:
+        callback, pool = checkpoint_upload(upload)
+        yolo.add_callback("on_fit_epoch_end", callback)
+    yolo.train(data=data, project=project, name=name, exist_ok=True, **args)
+    if pool:
+        pool.shutdown(wait=True)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,15 @@ renamed or moved function must fail here, not on the day someone measures."""
 
 from __future__ import annotations
 
+import io
+import json
+import os
 import subprocess
 import sys
+import zipfile
 
-from tests.conftest import ROOT
+from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY
+from tests.sample_data import make_dataset
 
 
 def test_the_probe_wraps_functions_that_exist_where_their_callers_look_them_up():
@@ -36,3 +41,29 @@ def test_the_fetch_benchmark_sends_every_client_through_the_delaying_proxy(tmp_p
     gets = [r for r in gets if r[2] == "GET" and "images-prefix/" in r[3] and "list-type" not in r[3]]
     assert len(gets) >= 3 * 11, len(gets)  # each of the 11 objects, by each of the three clients
     assert all(float(r[1]) - float(r[0]) >= 0.02 for r in gets)
+
+
+def test_the_upload_reference_puts_each_epochs_last_pt_in_s3(tmp_path, s3_server, s3, bucket):
+    """bench/plain_train.py with an upload target (overhead_bench --upload-reference): plain Ultralytics that
+    also uploads last.pt every epoch. Its figure means something only if the checkpoints really go up."""
+    data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2, size=32)
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text((data / "data.yaml").read_text().replace("path: .", f"path: {data}"))
+    args = {"epochs": 2, "imgsz": 32, "batch": 4, "workers": 0, "device": "cpu", "plots": False, "val": False}
+    target = {"endpoint": s3_server, "bucket": bucket, "prefix": "plain/run/", "access_key": ACCESS_KEY,
+              "secret_key": SECRET_KEY}
+    result = subprocess.run([sys.executable, "-m", "bench.plain_train", str(data_yaml), "yolo11n.yaml",
+                             str(tmp_path / "runs"), "run", json.dumps(args), json.dumps(target)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo"),
+                                 "MPLCONFIGDIR": str(tmp_path / "mpl")})
+    assert result.returncode == 0, result.stderr[-3000:]
+    import torch
+    import ultralytics  # noqa: F401  (the checkpoint's model classes, to unpickle it)
+
+    stored = s3.get_object(Bucket=bucket, Key="plain/run/last.pt")["Body"].read()
+    assert zipfile.ZipFile(io.BytesIO(stored)).testzip() is None  # a whole torch checkpoint, not a cut-off one
+    checkpoint = torch.load(io.BytesIO(stored), weights_only=False)
+    local = torch.load(tmp_path / "runs" / "run" / "weights" / "last.pt", weights_only=False)
+    assert checkpoint["epoch"] == 1  # the last epoch's (counted from 0), put before Ultralytics' final strip:
+    assert checkpoint["optimizer"] is not None and local["optimizer"] is None  # resumable, as train.py's are
