@@ -195,7 +195,7 @@ class Worker:
             self._warming.start()
 
     def _log_model(self, request: dict) -> str:
-        if self._warming is None:  # not asked to get ready (multi-GPU): the same imports, at normal priority
+        if self._warming is None:  # not asked to get ready: the same imports, at normal priority
             _warm_up(nice=False)
         else:  # (a warm-up not done yet still runs at its low priority: it cannot be raised again)
             self._warming.join()

@@ -8,7 +8,7 @@ tagged with the job id, the task and the primary metric; and the final status's 
 Any failure logs one warning and the job goes on: tracking never fails training.
 
 The MLflow calls are made by MLflow's helper process (tracking.py, mlflow_worker.py), which imports
-torch and Ultralytics at the lowest CPU priority while training runs (`prepare_model_logging`):
+torch and Ultralytics at the lowest CPU priority while training is set up and runs (`prepare_model_logging`):
 the trainer's process never imports MLflow, whose import and package scan (3.4 s of Python) would
 share the interpreter lock with the final validation and uploads.
 
@@ -69,9 +69,11 @@ def logs_model(settings: Settings) -> bool:
 
 
 def prepare_model_logging(settings: Settings, tracker) -> None:
-    """Once training runs: MLflow's helper process imports what logging the model will need
-    (torch, Ultralytics, MLflow's pyfunc, the installed packages' map) at the lowest CPU priority,
-    so that logging the model after training starts warm (mlflow_worker.Worker.warm)."""
+    """Once the job's run exists, before Ultralytics sets training up: MLflow's helper process imports
+    what logging the model will need (torch, Ultralytics, MLflow's pyfunc, the installed packages'
+    map) at the lowest CPU priority, so that logging the model after training starts warm
+    (mlflow_worker.Worker.warm). In the trainer's own process, also for a multi-GPU job (its model
+    is logged from there)."""
     if logs_model(settings):
         tracker.warm_model_logging()
 

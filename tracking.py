@@ -192,6 +192,7 @@ class Tracker:
         """Start the model's helper now: it imports what logging the model needs (torch, Ultralytics,
         MLflow's pyfunc) at the lowest CPU priority while training runs (mlflow_worker.Worker.warm)."""
         if self.active:
+            LOGGER.info("MLflow: the model's helper gets ready to log the model (at the lowest CPU priority)")
             self._model_send({"op": "warm"})
 
     def log_model(self, model: dict, should_stop: Callable[[], bool]) -> str:

@@ -117,6 +117,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     tracker.start()
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", 0, **tracker.status_fields())
+    prepare_model_logging(settings, tracker)  # the model's helper warms up from here, as Ultralytics sets up
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
@@ -148,8 +149,6 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
     device = settings.device or default_device()
-    if "," not in device:  # MLflow's helper gets ready to log the model while training runs (not in DDP workers)
-        model.add_callback("on_train_start", lambda _: prepare_model_logging(settings, reporter.tracker))
     workers = settings.workers if settings.workers is not None else min(8, available_cpus())
     if resume:
         # Ultralytics takes everything else (epochs, batch, lr0, TRAIN_ARGS...) from the checkpoint.

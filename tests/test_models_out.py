@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import uuid
 from pathlib import Path
@@ -109,6 +110,8 @@ def test_job_completes_with_verified_exports_in_storage_the_final_status_and_mlf
     for name in ("best.onnx", "best.torchscript"):
         assert job["s3"].head_object(Bucket=bucket, Key=f"{prefix}export/{name}")["ContentLength"] > 100_000
     stderr = job["result"].stderr
+    set_up = re.search(r"trainer: training \S+ on ", stderr)  # right before Ultralytics builds the model and loaders
+    assert set_up and -1 < stderr.find("helper gets ready to log the model") < set_up.start()  # warming up meanwhile
     for fmt in ("onnx", "torchscript"):  # verified on the validation images before it was reported
         assert f"{fmt} verified on 8 images" in stderr
     logs = [b["message"] for b in job["receiver"].bodies("logs")]
