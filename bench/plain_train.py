@@ -35,7 +35,7 @@ def setup_logging() -> None:
 
 def checkpoint_upload(target: dict):
     """An Ultralytics callback (on_fit_epoch_end, after the epoch's save) that puts a copy of last.pt in
-    S3 from one thread, and the thread pool to wait for at the end."""
+    S3 from one thread, and what to call at the end (waits for the last upload, removes the copies' folder)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=target["endpoint"], aws_access_key_id=target["access_key"],
@@ -55,7 +55,11 @@ def checkpoint_upload(target: dict):
             shutil.copyfile(trainer.last, copy)
             pool.submit(put, copy, target["prefix"] + "last.pt")
 
-    return on_fit_epoch_end, pool
+    def finish() -> None:
+        pool.shutdown(wait=True)
+        shutil.rmtree(staging, ignore_errors=True)
+
+    return on_fit_epoch_end, finish
 
 
 def main() -> None:
@@ -70,13 +74,13 @@ def main() -> None:
     LOGGER.handlers.clear()
     LOGGER.propagate = True
     yolo = YOLO(model)
-    pool = None
+    finish = None
     if upload:
-        callback, pool = checkpoint_upload(upload)
+        callback, finish = checkpoint_upload(upload)
         yolo.add_callback("on_fit_epoch_end", callback)
     yolo.train(data=data, project=project, name=name, exist_ok=True, **args)
-    if pool:
-        pool.shutdown(wait=True)
+    if finish:
+        finish()
 
 
 if __name__ == "__main__":
