@@ -25,7 +25,7 @@ A second instance of this process logs the trained model (tracking.Tracker.log_m
 trainer's process never imports MLflow (2 s of Python, then 1.4 s mapping the installed packages
 for the model's requirements, which shared the interpreter lock with the final validation and
 uploads). `log_model` loads the model and runs the input example, so it needs torch and
-Ultralytics: `warm`, sent once training runs, imports them and builds that map on a thread at the
+Ultralytics: `warm`, sent once the job's run exists, imports them and builds that map on a thread at the
 lowest CPU priority (it takes what the training leaves idle), and `log_model` waits for it (or,
 without `warm`, makes the same imports at normal priority). A process of its own, because torch
 makes it about 520 MB: a crash or an out-of-memory kill of it costs the model, never the run's

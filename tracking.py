@@ -8,7 +8,7 @@ numbers are queued to it and made in order, so the training thread never waits o
 ending the run first waits (bounded) for what is queued. A trainer killed outright leaves no run
 RUNNING: the helper sees its pipe close and ends the run KILLED. Any tracking failure logs one
 warning and switches tracking off; the run is still ended. The trained model is logged and
-registered by a second helper process, started once training runs (`warm_model_logging`: it
+registered by a second helper process, started once the run exists (`warm_model_logging`: it
 imports torch and Ultralytics at the lowest CPU priority) and asked after training (`log_model`,
 `register_model`, for registry.py): the trainer's own process never imports MLflow.
 Environment (through Settings): MLFLOW_TRACKING_URI, MLFLOW_EXPERIMENT_NAME, TLS_CA_BUNDLE,
@@ -190,7 +190,7 @@ class Tracker:
 
     def warm_model_logging(self) -> None:
         """Start the model's helper now: it imports what logging the model needs (torch, Ultralytics,
-        MLflow's pyfunc) at the lowest CPU priority while training runs (mlflow_worker.Worker.warm)."""
+        MLflow's pyfunc) at the lowest CPU priority while training is set up and runs (mlflow_worker.Worker.warm)."""
         if self.active:
             LOGGER.info("MLflow: the model's helper gets ready to log the model (at the lowest CPU priority)")
             self._model_send({"op": "warm"})

@@ -597,6 +597,8 @@ def main() -> None:
         if not args.no_warmup:
             plain_run(0, args, work, data_yaml, dataset, plain_env)
             trainer_run(0, args, work, services, archive, env)
+            if args.upload_reference:
+                plain_run(0, args, work, data_yaml, dataset, plain_env, services)
         runs: dict[str, list[Run]] = {"plain": [], "train.py": [], "plain + upload": []}
         sides = list(runs) if args.upload_reference else ["plain", "train.py"]
         probe_run = None

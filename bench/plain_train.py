@@ -5,9 +5,9 @@
 One `YOLO(MODEL).train(data=DATA_YAML, project=PROJECT, name=NAME, **ARGS)` call, nothing else.
 With UPLOAD, a JSON object {"endpoint", "bucket", "prefix", "access_key", "secret_key"}: the same
 training plus what a user would add to keep each epoch's checkpoint in S3 (bench/overhead_bench.py
---upload-reference): one callback that, after each epoch's save, copies last.pt aside and PUTs the
-copy from a thread with a plain boto3 client; the last upload is waited for before exit. No checks,
-reports or retries beyond boto3's: the least a checkpoint upload per epoch costs.
+--upload-reference): after each epoch's save a callback copies last.pt aside and PUTs the copy from
+a thread with a plain boto3 client; the uploads are waited for before exit, and a failed one fails
+the run. No checks, reports or retries beyond boto3's: the least a checkpoint upload per epoch costs.
 The only set-up it shares with train.py is what keeps the comparison fair: Ultralytics offline
 with its integrations off (train.py's prepare_ultralytics switches off the same ones, and its
 own MLflow run is what is being measured) and the same timestamped logging, to stderr, with
@@ -34,32 +34,42 @@ def setup_logging() -> None:
 
 
 def checkpoint_upload(target: dict):
-    """An Ultralytics callback (on_fit_epoch_end, after the epoch's save) that puts a copy of last.pt in
-    S3 from one thread, and what to call at the end (waits for the last upload, removes the copies' folder)."""
+    """Ultralytics callbacks that put a copy of each epoch's last.pt in S3 from one thread, and what to
+    call at the end (waits for the uploads, raises the first that failed, removes the copies' folder)."""
     import boto3
 
     s3 = boto3.client("s3", endpoint_url=target["endpoint"], aws_access_key_id=target["access_key"],
                       aws_secret_access_key=target["secret_key"], region_name="us-east-1")
     pool = ThreadPoolExecutor(1)
     staging = Path(tempfile.mkdtemp(prefix="plain-upload-"))
+    uploads, saved = [], []
 
     def put(path: Path, key: str) -> None:
         with path.open("rb") as body:
             s3.put_object(Bucket=target["bucket"], Key=key, Body=body)
         path.unlink()
 
+    def on_model_save(trainer) -> None:
+        saved.append(trainer.epoch)
+
     def on_fit_epoch_end(trainer) -> None:
-        # (called once more, as epoch `epochs`, for the final validation after last.pt was stripped: not an epoch)
-        if trainer.last.is_file() and trainer.epoch < trainer.epochs:  # rewritten next epoch: a copy goes up
-            copy = staging / f"last-{trainer.epoch}.pt"
+        # after this epoch's save (Ultralytics calls it once more for the final validation, after stripping
+        # last.pt: no save then, no upload); rewritten next epoch, so a copy goes up
+        if saved:
+            copy = staging / f"last-{saved.pop()}.pt"
+            saved.clear()
             shutil.copyfile(trainer.last, copy)
-            pool.submit(put, copy, target["prefix"] + "last.pt")
+            uploads.append(pool.submit(put, copy, target["prefix"] + "last.pt"))
 
     def finish() -> None:
-        pool.shutdown(wait=True)
-        shutil.rmtree(staging, ignore_errors=True)
+        try:
+            pool.shutdown(wait=True)
+            for upload in uploads:  # a reference whose uploads failed would look cheap
+                upload.result()
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
 
-    return on_fit_epoch_end, finish
+    return {"on_model_save": on_model_save, "on_fit_epoch_end": on_fit_epoch_end}, finish
 
 
 def main() -> None:
@@ -76,11 +86,14 @@ def main() -> None:
     yolo = YOLO(model)
     finish = None
     if upload:
-        callback, finish = checkpoint_upload(upload)
-        yolo.add_callback("on_fit_epoch_end", callback)
-    yolo.train(data=data, project=project, name=name, exist_ok=True, **args)
-    if finish:
-        finish()
+        callbacks, finish = checkpoint_upload(upload)
+        for event, callback in callbacks.items():
+            yolo.add_callback(event, callback)
+    try:
+        yolo.train(data=data, project=project, name=name, exist_ok=True, **args)
+    finally:
+        if finish:
+            finish()
 
 
 if __name__ == "__main__":

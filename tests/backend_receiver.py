@@ -43,6 +43,7 @@ def make_handler(args: argparse.Namespace):
             pass
 
         def _handle(self, method: str) -> None:
+            self.arrived = time.time()  # the request's headers are in; its body is read next
             length = int(self.headers.get("Content-Length") or 0)
             raw = self.rfile.read(length) if length else b""
             route = self.path.rstrip("/").rsplit("/", 1)[-1]
@@ -90,7 +91,7 @@ def make_handler(args: argparse.Namespace):
                     answer = {"id": result_id, "validation_result_id": result_id}
                 if args.delay:
                     time.sleep(args.delay)
-            self._record(method, route, body, code, answer)
+            self._record(method, route, body, code, answer)  # before the answer: a client that has it finds it recorded
             data = json.dumps(answer).encode()
             self.send_response(code)
             self.send_header("Content-Type", "application/json")
@@ -108,7 +109,7 @@ def make_handler(args: argparse.Namespace):
                     for i, element in enumerate(body) if element.get("validation_result_id") not in known]
 
         def _record(self, method: str, route: str, body, outcome, answer=None) -> None:
-            entry = {"time": time.time(), "method": method, "path": self.path, "route": route,
+            entry = {"time": time.time(), "arrived": self.arrived, "method": method, "path": self.path, "route": route,
                      "auth": self.headers.get("X-Internal-Auth"), "body": body, "outcome": outcome, "answer": answer}
             with lock, open(args.record, "a", encoding="utf-8") as f:
                 f.write(json.dumps(entry) + "\n")

@@ -10,7 +10,7 @@ import subprocess
 import sys
 import zipfile
 
-from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY
+from tests.conftest import ACCESS_KEY, ROOT, SECRET_KEY, free_port
 from tests.sample_data import make_dataset
 
 
@@ -45,18 +45,18 @@ def test_the_fetch_benchmark_sends_every_client_through_the_delaying_proxy(tmp_p
 
 def test_the_upload_reference_puts_each_epochs_last_pt_in_s3(tmp_path, s3_server, s3, bucket):
     """bench/plain_train.py with an upload target (overhead_bench --upload-reference): plain Ultralytics that
-    also uploads last.pt every epoch. Its figure means something only if the checkpoints really go up."""
+    also uploads last.pt every epoch. Its figure means something only if the checkpoints really go up, and
+    a run whose uploads fail must fail, not pass for a cheap reference."""
     data = make_dataset(tmp_path / "data", "detect", n_train=4, n_val=2, size=32)
     data_yaml = tmp_path / "data.yaml"
     data_yaml.write_text((data / "data.yaml").read_text().replace("path: .", f"path: {data}"))
     args = {"epochs": 2, "imgsz": 32, "batch": 4, "workers": 0, "device": "cpu", "plots": False, "val": False}
     target = {"endpoint": s3_server, "bucket": bucket, "prefix": "plain/run/", "access_key": ACCESS_KEY,
               "secret_key": SECRET_KEY}
+    env = {**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo"), "MPLCONFIGDIR": str(tmp_path / "mpl")}
     result = subprocess.run([sys.executable, "-m", "bench.plain_train", str(data_yaml), "yolo11n.yaml",
                              str(tmp_path / "runs"), "run", json.dumps(args), json.dumps(target)],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "YOLO_OFFLINE": "1", "YOLO_CONFIG_DIR": str(tmp_path / "yolo"),
-                                 "MPLCONFIGDIR": str(tmp_path / "mpl")})
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     import torch
     import ultralytics  # noqa: F401  (the checkpoint's model classes, to unpickle it)
@@ -67,3 +67,10 @@ def test_the_upload_reference_puts_each_epochs_last_pt_in_s3(tmp_path, s3_server
     local = torch.load(tmp_path / "runs" / "run" / "weights" / "last.pt", weights_only=False)
     assert checkpoint["epoch"] == 1  # the last epoch's (counted from 0), put before Ultralytics' final strip:
     assert checkpoint["optimizer"] is not None and local["optimizer"] is None  # resumable, as train.py's are
+
+    refused = {**target, "endpoint": f"http://127.0.0.1:{free_port()}"}  # nothing listens: every PUT fails
+    args = {**args, "epochs": 1}
+    result = subprocess.run([sys.executable, "-m", "bench.plain_train", str(data_yaml), "yolo11n.yaml",
+                             str(tmp_path / "runs"), "refused", json.dumps(args), json.dumps(refused)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "EndpointConnectionError" in result.stderr  # never a silently cheap reference

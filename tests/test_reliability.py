@@ -110,7 +110,7 @@ def assert_final_status_last(stored: list[dict], status: str, tries: list[dict] 
     final = statuses[-1]
     late = [e["body"] for e in stored if e["route"] == "validation-results" and e["time"] > final["time"]]
     failed_before = {e["body"]["event_id"] for e in tries or [] if e["route"] == "validation-results"
-                     and e["outcome"] == 500 and e["time"] < final["time"]}
+                     and e["outcome"] == 500 and e["time"] < final["arrived"]}  # (recorded before answered)
     late = [body["epoch"] for body in late if body["event_id"] not in failed_before]
     if late:  # on its first attempt still: the final status waited its grace, ORDER_GRACE after it was made
         made = datetime.datetime.fromisoformat(final["body"]["updated_at"]).timestamp()
