@@ -231,7 +231,8 @@ class CheckpointUploader:
                         continue
                     if name == "last.pt" and self.before_last:
                         self.before_last()
-                    self.storage.upload(staged, self.storage.locate(self.prefix + name), in_one=True)
+                    # not stopped by a stop request: the job's stop waits for the last finished epoch's checkpoint
+                    self.storage.upload(staged, self.storage.locate(self.prefix + name), in_one=True, stoppable=False)
                     uploaded.append(name)
                 except Exception as e:  # the final upload at the end tries again
                     LOGGER.warning("background upload of %s failed: %s", name, e)

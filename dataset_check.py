@@ -5,7 +5,7 @@ memory): data.yaml's names and nc, splits with images, every label line's value 
 coordinates for the task, every image readable and at least 10x10; and the task a dataset's
 shape implies (class folders, kpt_shape, a vote over label files).
 Environment (through Settings): DATASET_CHECK.
-Imports: utils, config, datasets, backend (to send the report as a warning).
+Imports: utils, config, datasets.
 """
 
 from __future__ import annotations
@@ -17,9 +17,8 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-from backend import Backend
 from config import Settings
-from datasets import IMAGE_SUFFIXES, images_of
+from datasets import classification_splits, image_files, images_of
 from utils import BadInput
 
 LOGGER = logging.getLogger("trainer")
@@ -274,12 +273,13 @@ def _check_images(images: list[Path], report: DatasetReport) -> None:
 
 
 def _check_classification_dataset(root: Path, report: DatasetReport) -> None:
-    splits = {s: root / s for s in ("train", "val", "test") if (root / s).is_dir()}
+    splits = classification_splits(root)
     if "train" not in splits:
         report.add(str(root.name), "a classification dataset needs a train/ folder of class folders")
         return
     if "val" not in splits and "test" not in splits:
-        report.add(str(root.name), "a classification dataset needs a val/ (or test/) folder of class folders")
+        report.add(str(root.name), "a classification dataset needs a val/ (or validation/, valid/, test/) folder "
+                                   "of class folders")
     train_classes = {p.name for p in splits["train"].iterdir() if p.is_dir()}
     if not train_classes:
         report.add("train/", "has no class folders")
@@ -287,18 +287,18 @@ def _check_classification_dataset(root: Path, report: DatasetReport) -> None:
     for split, folder in splits.items():
         count = len(images)
         for cls in sorted(p for p in folder.iterdir() if p.is_dir()):
-            found = sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = image_files(cls)
             if not found and split == "train":
-                report.add(f"{split}/{cls.name}/", "has no images")
+                report.add(f"{folder.name}/{cls.name}/", "has no images")
             if split != "train" and cls.name not in train_classes:
-                report.add(f"{split}/{cls.name}/", "is a class that train/ does not have")
+                report.add(f"{folder.name}/{cls.name}/", "is a class that train/ does not have")
             images.extend(found)
         if split != "train" and len(images) == count:  # Ultralytics would validate on it (val/ before test/)
-            report.add(f"{split}/", "has no class folders holding images")
+            report.add(f"{folder.name}/", "has no class folders holding images")
     _check_images(images, report)
 
 
-def check_dataset_or_fail(data: Path, task: str, settings: Settings, backend: Backend) -> None:
+def check_dataset_or_fail(data: Path, task: str, settings: Settings) -> None:
     """DATASET_CHECK=strict: any problem fails the job with one report; warn: report and go on."""
     if settings.dataset_check == "off":
         return
@@ -308,5 +308,4 @@ def check_dataset_or_fail(data: Path, task: str, settings: Settings, backend: Ba
     if report and settings.dataset_check == "strict":
         raise BadInput(report.text())
     if report:
-        LOGGER.warning("%s", report.text())
-        backend.log(report.text(), level="WARNING")
+        LOGGER.warning("%s", report.text())  # (on the backend's logs route too: backend.LogForwarder)

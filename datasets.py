@@ -29,7 +29,33 @@ from zipstream import Landed, extract_while_downloading
 
 LOGGER = logging.getLogger("trainer")
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".dng", ".mpo", ".pfm", ".heic"}
+# Ultralytics' own (ultralytics.data.utils.IMG_FORMATS; a test keeps them equal): an image this program
+# counts is one Ultralytics trains on, and none of those is left out.
+IMAGE_SUFFIXES = {".avif", ".bmp", ".dng", ".heic", ".heif", ".jp2", ".jpeg", ".jpg", ".mpo", ".png", ".tif", ".tiff",
+                  ".webp"}
+# Where Ultralytics looks for a classification dataset's validation split, in its order (check_cls_dataset).
+CLASSIFICATION_VAL_NAMES = ("val", "validation", "valid")
+
+
+def is_image_name(relative: str | Path) -> bool:
+    """An image as Ultralytics lists a folder's: an image suffix, and no hidden part in the path
+    below the folder (its glob skips those: macOS' `._name.jpg` resource forks, `.thumbnails/`)."""
+    parts = Path(relative).parts
+    return bool(parts) and Path(parts[-1]).suffix.lower() in IMAGE_SUFFIXES and not any(
+        part.startswith(".") for part in parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """Every image under folder, recursively, sorted (hidden files and folders left out, see is_image_name)."""
+    return sorted(p for p in folder.rglob("*") if is_image_name(p.relative_to(folder)))
+
+
+def classification_splits(root: Path) -> dict[str, Path]:
+    """A classification folder's splits as Ultralytics finds them: train/, the first of val/,
+    validation/ and valid/ (as "val"), and test/."""
+    val = next((root / name for name in CLASSIFICATION_VAL_NAMES if (root / name).is_dir()), None)
+    splits = {"train": root / "train", "val": val, "test": root / "test"}
+    return {split: folder for split, folder in splits.items() if folder is not None and folder.is_dir()}
 
 
 def find_dataset_root(folder: Path) -> Path:
@@ -75,8 +101,16 @@ def resolve_data_yaml(root: Path, out: Path, val_fraction: float = 0.1) -> tuple
     base = _dataset_base(root, data.get("path"))
     out.parent.mkdir(parents=True, exist_ok=True)
     for split in ("train", "val", "test", "minival"):
-        if data.get(split):
+        if not data.get(split):
+            continue
+        try:
             data[split] = _rebase(base, root, data[split], split, out.parent)
+        except BadInput as e:
+            if split in ("train", "val"):
+                raise
+            # Ultralytics checks val only; exporters (Roboflow) write a test line for a split they left out
+            LOGGER.warning("%s; training without a %s split", e, split)
+            del data[split]
     if not data.get("val"):
         data["train"], data["val"] = split_off_validation(data["train"], root, out.parent, val_fraction)
     data["path"] = str(base)
@@ -123,7 +157,9 @@ def _rebase(base: Path, root: Path, value: Any, split: str, lists: Path) -> Any:
     # Ultralytics retries '../x' as 'x' below path; so do we.
     target = _locate(root, value, base) or (_locate(root, value[3:], base) if value.startswith("../") else None)
     if target is None:
-        outside = not re.match(r"^([A-Za-z]:)?[\\/]", value) and root not in (base / value).resolve().parents
+        tried = [value, value[3:]] if value.startswith("../") else [value]
+        outside = not re.match(r"^([A-Za-z]:)?[\\/]", value) and all(
+            root not in (base / v).resolve().parents for v in tried)
         raise BadInput(f"data.yaml {split}: {value} " + ("points outside the dataset" if outside
                                                          else "does not exist in the dataset"))
     if target.is_file() and target.suffix == ".txt":
@@ -153,7 +189,7 @@ def images_of(value: Any) -> list[Path]:
         return [img for v in value for img in images_of(v)]
     path = Path(value)
     if path.is_dir():
-        return sorted(p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        return image_files(path)
     if path.suffix == ".txt" and path.is_file():
         return [Path(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     return []
@@ -182,12 +218,13 @@ def split_off_validation(train: Any, root: Path, lists: Path, fraction: float) -
 
 
 def prepare_classification(root: Path, out: Path, fraction: float = 0.1) -> Path:
-    """A classification folder as Ultralytics wants it. With train/ but neither val/ nor test/, a
-    deterministic share of each class's images becomes val/ (symbolic links under out)."""
-    if not (root / "train").is_dir() or (root / "val").is_dir() or (root / "test").is_dir():
+    """A classification folder as Ultralytics wants it. With train/ but no validation split (val/,
+    validation/, valid/) nor test/, a deterministic share of each class's images becomes val/
+    (symbolic links under out)."""
+    if set(classification_splits(root)) != {"train"}:
         return root
     shutil.rmtree(out, ignore_errors=True)
-    classes = {cls: sorted(p for p in cls.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    classes = {cls: image_files(cls)
                for cls in sorted(p for p in (root / "train").iterdir() if p.is_dir())}
     if not any(classes.values()):
         raise BadInput("the dataset has no data.yaml, and its train/ folder has no class folders holding images "

@@ -111,8 +111,7 @@ def evaluate_after_training(settings: Settings, tracker, backend, weights: Path,
     if not settings.evaluate_test:
         return {}
     if test_split(data) is None:
-        LOGGER.info("EVALUATE_TEST=true but the dataset has no test split: nothing to evaluate")
-        backend.log("EVALUATE_TEST: the dataset has no test split; no test metrics", level="WARNING")
+        LOGGER.warning("EVALUATE_TEST: the dataset has no test split; no test metrics")
         return {}
     if should_stop():
         return {}

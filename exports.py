@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable
 
 from config import Settings, job_dir
-from datasets import IMAGE_SUFFIXES, images_of
+from datasets import classification_splits, image_files, images_of
 from models import default_device
 from storage import Storage
 from utils import BadInput, TrainerError
@@ -303,8 +303,8 @@ def validation_images(data: Path, count: int) -> list:
     if count <= 0:
         return []
     if data.is_dir():
-        split = next((data / s for s in ("val", "test") if (data / s).is_dir()), data)
-        paths = sorted(p for p in split.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+        splits = classification_splits(data)
+        paths = image_files(splits.get("val") or splits.get("test") or data)
     else:
         import yaml
 
@@ -425,8 +425,6 @@ def export_after_training(storage: Storage, settings: Settings, tracker, backend
         LOGGER.warning("exports failed: %s", _first_line(e), exc_info=True)
         return {"exports": {}, "export_errors": {f: f"failed: {_first_line(e)}" for f in settings.export_formats}}
     for export in exports:
-        if export.error is None:
+        if export.error is None:  # (a failure was logged as a warning, which the backend gets too)
             backend.log(f"exported {export.format} (verified on {export.verification['images']} images): {export.uri}")
-        else:
-            backend.log(f"export to {export.format} failed: {export.error}", level="WARNING")
     return status_fields(exports)

@@ -29,6 +29,7 @@ import logging
 import os
 import shutil
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -38,7 +39,7 @@ from dotenv import load_dotenv
 
 import cli
 from config import Settings, load_settings, log_configuration
-from datasets import IMAGE_SUFFIXES
+from datasets import image_files, is_image_name
 from exports import load_export
 from jsonlog import json_logging
 from models import default_device, offline_environment, prepare_ultralytics
@@ -57,6 +58,10 @@ from utils import (
 )
 
 LOGGER = logging.getLogger("trainer.predict")
+
+# Decoded pixels held ahead of the model, and in one batch, at most: PREDICT_BATCH images of a
+# typical size fit many times over; 100-megapixel photos (300 MB each) go a few at a time.
+HELD_BYTES = 1 << 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,15 +107,15 @@ def list_inputs(storage: Storage, settings: Settings) -> Iterator[InputImage]:
     ref = settings.input_uri
     local = Path(ref).expanduser()
     if not ref.startswith("s3://") and local.exists():
-        paths = [local] if local.is_file() else (p for p in sorted(local.rglob("*")) if p.suffix.lower() in IMAGE_SUFFIXES)
+        paths = [local] if local.is_file() else image_files(local)
         for path in paths:
             key = path.name if path == local else path.relative_to(local).as_posix()
-            yield InputImage(str(path), path.read_bytes, key)
+            yield InputImage(printable(str(path)), path.read_bytes, printable(key))
         return
     loc = storage.locate(ref)
     if ref.endswith("/"):
         for obj, _ in storage.list(loc):
-            if Path(obj.key).suffix.lower() in IMAGE_SUFFIXES:
+            if is_image_name(obj.key[len(loc.key):]):
                 yield InputImage(storage.uri(obj), functools.partial(storage.read_bytes, obj),
                                  obj.key[len(loc.key):])
         return
@@ -139,10 +144,27 @@ def decode(item: InputImage):
         return None, f"cannot be read: {e.strerror or e}"
     except BadInput as e:  # e.g. storage refused this one object
         return None, str(e)
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    try:
+        image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
+    except cv2.error as e:  # e.g. over OpenCV's CV_IO_MAX_IMAGE_PIXELS (2^30): one image, not the run
+        return None, f"cannot decode the image: {_opencv_reason(e)}"
+    except MemoryError:
+        return None, "cannot decode the image: not enough memory for its pixels"
     if image is None:
         return None, "cannot decode the image (corrupt, empty or not an image format)"
     return image, None
+
+
+def _opencv_reason(error: Exception) -> str:
+    """OpenCV's own words from its multi-line error ("... error: (-215:Assertion failed) pixels <= ...")."""
+    text = " ".join(str(error).split())
+    return text.split(" error: ", 1)[-1][:200]
+
+
+def printable(name: str) -> str:
+    """A local file name as valid UTF-8 text: bytes that are not (kept by Python as lone surrogates,
+    which strict JSON parsers and databases refuse) become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class StorageWatch:
@@ -177,38 +199,106 @@ class StorageWatch:
             raise TransientError(f"no image could be read from storage: {self.last}")
 
 
-def load_ahead(inputs: Iterator[InputImage], workers: int, window: int, watch: StorageWatch):
-    """Download and decode up to `window` images ahead of the consumer, in input order."""
+def load_ahead(inputs: Iterator[InputImage], workers: int, window: int, watch: StorageWatch,
+               budget: int = HELD_BYTES):
+    """Download and decode images ahead of the consumer, in input order.
+
+    A feeder thread keeps `workers` loads going while the model runs, as long as fewer than `window`
+    images wait and those decoded hold less than `budget` bytes of pixels: with large photos memory
+    stays bounded (the budget, plus one image per worker), with small ones `window` bounds it.
+    """
+    ahead = _Ahead(workers, window, budget)
     pool = ThreadPoolExecutor(workers, thread_name_prefix="load")
-    pending: collections.deque = collections.deque()
-
-    def take():
-        item, future = pending.popleft()
-        try:
-            image, error = future.result()
-        except TransientError as e:
-            return item, None, watch.read_failed(e)
-        watch.read_ok()
-        return item, image, error
-
+    threading.Thread(target=ahead.feed, args=(inputs, pool), name="load-feeder", daemon=True).start()
     try:
-        for item in inputs:
-            pending.append((item, pool.submit(decode, item)))
-            if len(pending) >= window:
-                yield take()
-        while pending:
-            yield take()
+        while (taken := ahead.take()) is not None:
+            item, future = taken
+            try:
+                image, error = future.result()
+            except TransientError as e:
+                yield item, None, watch.read_failed(e)
+                continue
+            ahead.release(image)
+            watch.read_ok()
+            yield item, image, error
     finally:  # on an outage, reads still queued are not waited for
+        ahead.close()
         pool.shutdown(wait=False, cancel_futures=True)
 
 
-def batched(iterable, size: int):
-    batch = []
-    for x in iterable:
+class _Ahead:
+    """load_ahead's shared state: the loads in input order, and what they hold."""
+
+    def __init__(self, workers: int, window: int, budget: int):
+        self.workers, self.window, self.budget = workers, window, budget
+        self.changed = threading.Condition()
+        self.queue: collections.deque = collections.deque()  # (item, future), in input order
+        self.loading = self.held = 0  # loads under way; bytes of decoded pixels not taken yet
+        self.ended, self.closed, self.error = False, False, None
+
+    def feed(self, inputs: Iterator[InputImage], pool: ThreadPoolExecutor) -> None:
+        """The feeder thread: lists the inputs (storage pages included) and starts their loads."""
+        try:
+            for item in inputs:
+                with self.changed:
+                    self.changed.wait_for(lambda: self.closed or (
+                        self.loading < self.workers and len(self.queue) < self.window and self.held < self.budget))
+                    if self.closed:
+                        return
+                    self.loading += 1
+                    self.queue.append((item, pool.submit(self._load, item)))
+                    self.changed.notify_all()
+        except BaseException as e:  # a listing that failed: raised to the consumer after what came before
+            self.error = e
+        finally:
+            with self.changed:
+                self.ended = True
+                self.changed.notify_all()
+
+    def _load(self, item: InputImage):
+        held = 0
+        try:
+            image, error = decode(item)
+            held = image.nbytes if image is not None else 0
+            return image, error
+        finally:
+            with self.changed:
+                self.loading -= 1
+                self.held += held
+                self.changed.notify_all()
+
+    def take(self):
+        """The next (item, future) in input order; None at the end."""
+        with self.changed:
+            self.changed.wait_for(lambda: self.queue or self.ended)
+            if self.queue:
+                self.changed.notify_all()  # a place in the window is free
+                return self.queue.popleft()
+        if self.error is not None:
+            raise self.error
+        return None
+
+    def release(self, image) -> None:
+        """The consumer has the image: its bytes are the model's now, not held ahead."""
+        with self.changed:
+            self.held -= image.nbytes if image is not None else 0
+            self.changed.notify_all()
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+
+def batched(loaded, size: int, budget: int = HELD_BYTES):
+    """Batches of `size` loaded images, or fewer where their pixels reach `budget` bytes."""
+    batch, held = [], 0
+    for x in loaded:
         batch.append(x)
-        if len(batch) == size:
+        held += x[1].nbytes if x[1] is not None else 0
+        if len(batch) == size or held >= budget:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 

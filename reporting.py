@@ -68,7 +68,8 @@ class StopSignal:
             return
         self.reason = reason
         self.deadline = time.monotonic() + self.timeout
-        LOGGER.warning("stop requested (%s) during %s; exiting within %g s", reason, self.phase, self.timeout)
+        LOGGER.warning("stop requested (%s) during %s; exiting within %g s", reason, self.phase, self.timeout,
+                       extra={"local_only": True})  # perhaps in a signal handler: not through the callback client
         threading.Thread(target=self._watchdog, name="shutdown-watchdog", daemon=True).start()
         if self.phase == "ddp":
             stop_workers()
@@ -216,6 +217,8 @@ class EpochReporter:
     def on_pretrain_routine_end(self, trainer) -> None:
         self.total_epochs = trainer.epochs
         self.epochs_completed = trainer.start_epoch
+        with self._lock:  # a resumed job's epochs so far are in storage: its last.pt is what it resumed from
+            self._stored_epoch = max(self._stored_epoch, trainer.start_epoch)
         if trainer.args.task == "classify" and self.settings.validation_images:
             sequential_val_loader(trainer)  # so per-image results can name their images
         if not self.reports():
@@ -343,6 +346,15 @@ class EpochReporter:
                                             on_done=lambda: outbox.done(epoch, "validation-results"))
         if entry.get("training-metrics"):
             self.backend.training_metrics(entry["training-metrics"], on_done=lambda: outbox.done(epoch, "training-metrics"))
+
+    @property
+    def epochs_kept(self) -> int:
+        """Epochs whose last.pt is in storage, those reported: what a job that does not complete keeps
+        (a job started again resumes after them). Without checkpoint uploads, the epochs completed."""
+        if not self.uploading:
+            return self.epochs_completed
+        with self._lock:
+            return min(self.epochs_completed, self._stored_epoch)
 
     def progress(self) -> float:
         return 100.0 * self.epochs_completed / self.total_epochs if self.total_epochs else 0.0

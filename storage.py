@@ -272,15 +272,15 @@ class Storage:
                     progress(len(chunk))
         return digest.value() if digest else None
 
-    def _progress(self, action: str, loc: Location, size: int) -> Callable[[int], None]:
+    def _progress(self, action: str, loc: Location, size: int, stoppable: bool = True) -> Callable[[int], None]:
         """boto3's transfer callback: progress for people (progress.py, every PROGRESS_INTERVAL
         seconds of a long transfer), and a safe point to stop at (what `interrupt` raises, a stop,
-        ends the transfer)."""
+        ends the transfer) where the transfer is `stoppable`."""
         progress = TransferProgress(f"{action} {loc.name}", size, self.settings.progress_interval)
 
         def callback(transferred: int) -> None:
             progress(transferred)
-            if self.interrupt:
+            if self.interrupt and stoppable:
                 self.interrupt()
 
         return callback
@@ -320,7 +320,7 @@ class Storage:
         stamp.write_text(info.etag)
         return dest
 
-    def upload(self, path: Path, loc: Location, in_one: bool = False) -> str:
+    def upload(self, path: Path, loc: Location, in_one: bool = False, stoppable: bool = True) -> str:
         """Upload a file and verify what the store holds (size, and MD5 where the ETag is one).
 
         Readers see the old object or the whole new one, never a part: S3 replaces objects
@@ -330,7 +330,9 @@ class Storage:
         of the parts for a 52 MB file, docs/performance.md); the store's answer (its ETag, the
         content's MD5) is verified against the file, with no HEAD. Such a request logs no progress,
         and a stop (`interrupt`) is looked at before it starts, not during it. Larger files go up in
-        parts side by side, verified by a HEAD (the final upload waits for them).
+        parts side by side, verified by a HEAD (the final upload waits for them). A stop does not end
+        an upload that is not `stoppable` (the last finished epoch's checkpoint: the job's stop waits
+        for it, within SHUTDOWN_TIMEOUT).
         """
         size = path.stat().st_size
         LOGGER.info("uploading %s (%s) to %s", path.name, human_size(size), self.uri(loc))
@@ -341,13 +343,13 @@ class Storage:
         self._stored.pop(loc, None)  # known again once this upload is verified
         for attempt in (1, 2):
             if in_one:
-                stored = self._put_file(path, loc, size)
+                stored = self._put_file(path, loc, size, stoppable)
                 if stored.digest is None or (stored.digest[0] == "md5" and self._etags_not_md5):
                     stored = self.head(loc)  # the answer cannot vouch for the content (SSE-KMS): the size
             else:
                 with self._errors("upload", loc):
                     self._s3.upload_file(str(path), loc.bucket, loc.key, Config=self._parts(size),
-                                         Callback=self._progress("uploading", loc, size))
+                                         Callback=self._progress("uploading", loc, size, stoppable))
                 stored = self.head(loc)
             if stored is None or stored.size != size:
                 problem = f"upload of {path.name} to {self.uri(loc)} is incomplete"
@@ -362,10 +364,10 @@ class Storage:
             LOGGER.warning("%s; uploading again", problem)
         return self.uri(loc)
 
-    def _put_file(self, path: Path, loc: Location, size: int) -> ObjectInfo:
+    def _put_file(self, path: Path, loc: Location, size: int, stoppable: bool = True) -> ObjectInfo:
         """One PutObject of a file; the store's answer names what it stored (its ETag, a checksum it
         keeps), which the caller verifies against the file."""
-        if self.interrupt:  # a safe point to stop at, as a transfer's progress is
+        if self.interrupt and stoppable:  # a safe point to stop at, as a transfer's progress is
             self.interrupt()
         with self._errors("upload", loc), path.open("rb") as body:
             answer = self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=body)

@@ -35,7 +35,7 @@ from dotenv import load_dotenv
 
 import cache
 import cli
-from backend import Backend
+from backend import Backend, LogForwarder
 from checkpoints import checkpoint_problem
 from config import Settings, backend_settings, job_dir, load_settings, log_configuration
 from dataset_check import check_dataset_or_fail
@@ -110,7 +110,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         ultralytics_ready.result()
     weights = str(run.resume_from) if run.resume_from else resolve_model(storage, settings)
     task = resolve_task(settings, weights, data)
-    check_dataset_or_fail(data, task, settings, backend)
+    check_dataset_or_fail(data, task, settings)
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
     ultralytics_ready.result()
@@ -253,8 +253,9 @@ def report_failure(error: BaseException, settings: Settings, backend: Backend, t
     was_ddp = stop.phase == "ddp"
     stop.phase = "cleanup"
     code, message = classify_failure(error, stop)
-    LOGGER.error("job %s (exit %d): %s", "cancelled" if code == EXIT_CANCELLED else "failed", code,
-                 backend.redact(message), exc_info=code == EXIT_ERROR)
+    LOGGER.log(logging.WARNING if code == EXIT_CANCELLED else logging.ERROR, "job %s (exit %d): %s",
+               "cancelled" if code == EXIT_CANCELLED else "failed", code, backend.redact(message),
+               exc_info=code == EXIT_ERROR)  # (also to the backend's log panel, before the final status)
     deadline = time.monotonic() + stop.remaining(default=settings.shutdown_timeout)
     if reporter.uploading:  # the last completed epoch's checkpoint, resumable, must reach storage
         if was_ddp:  # rank 0 wrote it here, but its own upload may have been cut short
@@ -264,7 +265,7 @@ def report_failure(error: BaseException, settings: Settings, backend: Backend, t
     reporter.drop_unsent()
     within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
     backend.status("cancelled" if code == EXIT_CANCELLED else "failed", reporter.progress(), error=message,
-                   exit_code=code, epochs_completed=reporter.epochs_completed, **tracker.status_fields(),
+                   exit_code=code, epochs_completed=reporter.epochs_kept, **tracker.status_fields(),
                    training_time_seconds=round(time.monotonic() - started, 1))
     return code
 
@@ -286,7 +287,7 @@ def last_words(backend: Backend, tracker: Tracker, reporter: EpochReporter, stop
     if backend.final_status is None:
         backend.status("cancelled", reporter.progress(), error=f"{stop.reason}; shutdown cut short at "
                        f"SHUTDOWN_TIMEOUT={stop.timeout:g} s", exit_code=EXIT_CANCELLED,
-                       epochs_completed=reporter.epochs_completed, **tracker.status_fields())
+                       epochs_completed=reporter.epochs_kept, **tracker.status_fields())
     backend.close(stop.remaining(0.5))
 
 
@@ -298,6 +299,7 @@ def report_config_error(error: ConfigError, redact: Redactor) -> int:
     except Exception:
         return EXIT_BAD_INPUT
     backend = Backend(settings, redact)
+    backend.log(f"job failed (exit {EXIT_BAD_INPUT}): {error}", level="ERROR")  # for the log panel, as any failure
     backend.status("failed", 0, error=str(error), exit_code=EXIT_BAD_INPUT, epochs_completed=0)
     backend.close()
     return EXIT_BAD_INPUT
@@ -324,6 +326,7 @@ def main() -> int:
     stop.install()
     event_log = job_dir(settings) / "events.jsonl"
     backend = Backend(settings.backend, redact, event_log)
+    LOGGER.addHandler(LogForwarder(backend))  # the job's warnings and errors, also on the backend's logs route
     tracker = Tracker(settings, redact)
     reporter = EpochReporter(settings, redact, backend, tracker, stop)
     stop.on_deadline = lambda: last_words(backend, tracker, reporter, stop)

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import time
+from pathlib import Path
 
 import pytest
 
@@ -209,6 +210,36 @@ def test_error_text_is_redacted_before_it_leaves(receiver, tmp_path):
     assert receiver.bodies("status")[0]["error"] == "boto failed with key ***"
     assert receiver.bodies("logs")[0]["message"] == "token *** seen"
     assert "s3cr3t-value" not in (tmp_path / "events.jsonl").read_text()
+
+
+def test_the_jobs_warnings_and_errors_reach_the_backends_log_panel_within_a_limit(receiver, tmp_path):
+    """The contract's logs route is for warnings and errors too; the callback client's own troubles,
+    and a signal handler's records, stay local; past LogForwarder.LIMIT one notice says so."""
+    from backend import LogForwarder
+
+    backend = client(receiver.url("1"), tmp_path)
+    logger = logging.getLogger("trainer.test-forwarder")
+    forwarder = LogForwarder(backend)
+    logger.addHandler(forwarder)
+    try:
+        logger.info("not a warning")
+        logger.warning("dataset: %d entries skipped", 3, extra={"epoch": 2})
+        logger.error("job failed (exit 2): the key s3cr3t-value is wrong")
+        logger.warning("stop requested", extra={"local_only": True})
+        own = logging.LogRecord("trainer", logging.WARNING, str(Path("backend.py").resolve()), 1, "queue full", (), None)
+        forwarder.handle(own)  # the callback client's own record
+        for n in range(LogForwarder.LIMIT):
+            logger.warning("warning %d", n)
+    finally:
+        logger.removeHandler(forwarder)
+    backend.close()
+    logs = receiver.bodies("logs")
+    first = {b["message"]: b for b in logs}
+    assert first["dataset: 3 entries skipped"]["level"] == "WARNING" and first["dataset: 3 entries skipped"]["epoch"] == 2
+    assert first["job failed (exit 2): the key *** is wrong"]["level"] == "ERROR"  # redacted as every body is
+    assert "not a warning" not in first and "stop requested" not in first and "queue full" not in first
+    assert len(logs) == LogForwarder.LIMIT + 1  # 2 + 198 of the loop's, then the notice (logs go out unordered)
+    assert f"more than {LogForwarder.LIMIT} warnings: the rest are in the job's own log only" in first
 
 
 def test_health_reads_job_status(receiver_factory, tmp_path):

@@ -286,6 +286,72 @@ def test_classification_with_only_train_gets_a_val_folder_of_links(tmp_path):
     assert prepare_classification(make_dataset(tmp_path / "d", "classify"), tmp_path / "x") == tmp_path / "d"
 
 
+def test_image_suffixes_are_ultralytics_own():
+    """An image this program counts (dataset check, validation split, predict's listing) is one
+    Ultralytics trains on, and the other way round: .avif, .heif and .jp2 were left out once."""
+    from ultralytics.data.utils import IMG_FORMATS
+
+    from datasets import IMAGE_SUFFIXES
+
+    assert IMAGE_SUFFIXES == {f".{s}" for s in IMG_FORMATS}
+
+
+def test_roboflow_export_without_its_test_split_trains_without_one(tmp_path, caplog):
+    """Roboflow writes `test: ../test/images` even for a version without a test split; Ultralytics
+    checks only train and val, so a missing test split is a warning, not a refused dataset."""
+    folder = tmp_path / "rf"
+    make_dataset(folder / "src", "detect", n_train=2, n_val=1)
+    for split, src in (("train", "train"), ("valid", "val")):
+        (folder / split).mkdir()
+        (folder / "src" / "images" / src).rename(folder / split / "images")
+        (folder / "src" / "labels" / src).rename(folder / split / "labels")
+    (folder / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\ntest: ../test/images\n"
+                                      "nc: 2\nnames: [a, b]\n")
+    with caplog.at_level("WARNING", logger="trainer"):
+        written, data = resolve_data_yaml(folder, tmp_path / "job" / "data.yaml")
+    assert data["train"] == str(folder / "train" / "images") and data["val"] == str(folder / "valid" / "images")
+    assert "test" not in data and "test" not in yaml.safe_load(written.read_text())
+    assert "data.yaml test: ../test/images does not exist in the dataset; training without a test split" in caplog.text
+    (folder / "data.yaml").write_text("train: ../train/images\nval: ../nope/images\nnames: [a, b]\n")
+    with pytest.raises(BadInput, match="val: ../nope/images does not exist in the dataset"):  # val stays required
+        resolve_data_yaml(folder, tmp_path / "job" / "data.yaml")
+
+
+@pytest.mark.parametrize("name", ["valid", "validation"])
+def test_classification_validation_folder_under_ultralytics_other_names_is_used(name, tmp_path):
+    """Ultralytics validates a classification dataset on val/, else validation/, else valid/: such a
+    folder is the validation split, not replaced by a share of train/."""
+    from dataset_check import check_dataset
+    from datasets import prepare_classification
+
+    folder = make_dataset(tmp_path / "c", "classify", n_train=6, n_val=4)
+    (folder / "val").rename(folder / name)
+    assert prepare_classification(folder, tmp_path / "split") == folder
+    assert not check_dataset(folder, "classify"), check_dataset(folder, "classify").text()
+    (folder / name).rename(folder / "elsewhere")
+    assert "needs a val/ (or validation/, valid/, test/) folder" in check_dataset(folder, "classify").text()
+
+
+def test_hidden_files_beside_the_images_are_left_out_as_ultralytics_does(tmp_path):
+    """macOS' AppleDouble files (`._name.jpg`, not images) and hidden folders are skipped by
+    Ultralytics' glob; the check, the validation split and predict's listing skip them too."""
+    from dataset_check import check_dataset
+    from datasets import image_files
+
+    root = make_dataset(tmp_path / "d", "detect", n_train=3, n_val=2)
+    for folder in (root / "images" / "train", root / "images" / "val"):
+        (folder / f"._{sorted(folder.iterdir())[0].name}").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (root / "images" / "train" / ".thumbs").mkdir()
+    (root / "images" / "train" / ".thumbs" / "t.jpg").write_bytes(b"not decoded")
+    data_yaml, _ = resolve_data_yaml(root, tmp_path / "d.yaml")
+    assert not check_dataset(data_yaml, "detect"), check_dataset(data_yaml, "detect").text()
+    assert [p.name for p in image_files(root / "images" / "train")] == [f"train_000{i}.jpg" for i in range(3)]
+    cls = make_dataset(tmp_path / "c", "classify", n_train=4, n_val=2)
+    first_class = sorted((cls / "train").iterdir())[0]
+    (first_class / "._x.jpg").write_bytes(b"\x00\x05\x16\x07")
+    assert not check_dataset(cls, "classify"), check_dataset(cls, "classify").text()
+
+
 @pytest.mark.parametrize("task", ["detect", "segment", "pose", "obb", "classify"])
 def test_dataset_task_is_recognised(task, tmp_path):
     from dataset_check import dataset_task

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
 
 import cv2
@@ -120,6 +121,76 @@ def test_unreadable_local_inputs_are_error_entries_and_the_rest_continue(weights
     assert by_name["gone.jpg"]["error"] == "cannot be read: No such file or directory"
     assert by_name["folder.jpg"]["error"] == "is a folder, not an image"
     assert all(by_name[f.name]["detections"] and "error" not in by_name[f.name] for f in images[:2])
+
+
+def png_claiming(width: int, height: int) -> bytes:
+    """A small PNG file whose header declares width x height pixels."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(b"\x00" * 64)) + chunk(b"IEND", b""))
+
+
+def test_one_image_opencv_refuses_is_an_error_entry_and_hidden_files_are_skipped(weights, images, tmp_path):
+    """A photo over OpenCV's 2^30-pixel limit (an orthophoto) made cv2.imdecode raise, which ended
+    the whole run with exit 1 and no document; macOS' `._name.jpg` files became error entries."""
+    folder = tmp_path / "in"
+    (folder / "sub").mkdir(parents=True)
+    for f in images[:2]:
+        (folder / "sub" / f.name).write_bytes(f.read_bytes())
+    (folder / "huge.png").write_bytes(png_claiming(50_000, 50_000))
+    (folder / "._huge.png").write_bytes(b"\x00\x05\x16\x07 Mac OS X resource fork")
+    (folder / ".cache").mkdir()
+    (folder / ".cache" / "thumb.jpg").write_bytes(images[0].read_bytes())
+    doc = run_predict({"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(weights()), "INPUT_URI": str(folder),
+                       "IMGSZ": "64", "CONF_THRESHOLD": "0.0", "MAX_DET": "3", "WORK_DIR": str(tmp_path / "w")}, tmp_path)
+    assert [p["image"] for p in doc["predictions"]] == [str(folder / "huge.png")] + [
+        str(folder / "sub" / f.name) for f in images[:2]]
+    assert doc["count"] == 3 and doc["failed"] == 1
+    assert doc["predictions"][0]["error"].startswith("cannot decode the image: (-215:Assertion failed) pixels <=")
+    assert all(p["detections"] and "error" not in p for p in doc["predictions"][1:])
+
+
+def test_images_held_ahead_of_the_model_are_bounded_by_their_bytes():
+    """Up to 2 x PREDICT_BATCH images are loaded ahead; of 100-megapixel photos that was 20 GB.
+    Both the window ahead and a batch stop at a byte budget."""
+    import threading
+
+    from predict import InputImage, StorageWatch, batched, load_ahead
+
+    encoded = cv2.imencode(".png", np.full((200, 200, 3), 127, np.uint8))[1].tobytes()  # 120,000 bytes decoded
+    started = []
+    lock = threading.Lock()
+
+    def read() -> bytes:
+        with lock:
+            started.append(1)
+        return encoded
+
+    inputs = (InputImage(f"i{n}.png", read, f"i{n}.png") for n in range(30))
+    ahead, taken = [], 0
+    for _, image, error in load_ahead(inputs, workers=2, window=64, watch=StorageWatch(), budget=300_000):
+        assert error is None and image.nbytes == 120_000
+        taken += 1
+        ahead.append(len(started) - taken)
+    assert taken == 30 and max(ahead) <= 3 + 2, ahead  # 3 decoded (the third crosses the budget), 2 loading
+    loaded = [(None, np.zeros((200, 200, 3), np.uint8), None)] * 7 + [(None, None, "unreadable")] * 2
+    assert [len(b) for b in batched(loaded, size=4, budget=300_000)] == [3, 3, 3]
+    assert [len(b) for b in batched(loaded, size=4)] == [4, 4, 1]
+
+
+def test_local_file_names_that_are_not_utf8_are_printed_as_valid_text():
+    from predict import printable
+
+    name = os.fsdecode(b"/in/caf\xe9.jpg")  # Latin-1 bytes: Python keeps them as a lone surrogate
+    assert printable(name) == "/in/caf\ufffd.jpg" and printable("/in/café.jpg") == "/in/café.jpg"
+    json.dumps(printable(name)).encode("utf-8")  # the document's text encodes; the raw name cannot
+    with pytest.raises(UnicodeEncodeError):
+        name.encode("utf-8")
 
 
 @pytest.fixture

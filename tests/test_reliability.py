@@ -201,6 +201,14 @@ def test_backend_cancellation_stops_the_job_within_seconds_at_the_default_interv
     final = receiver.bodies("status")[-1]
     assert final["status"] == "cancelled" and final["error"] == "cancelled by the backend" and final["exit_code"] == 143
     assert 1 <= final["epochs_completed"] < 40
+    # The health poll right after an epoch sees the cancellation while that epoch's checkpoint is on its
+    # way up: its upload finishes (a stop waits for it), so every epoch counted is stored and reported.
+    done = final["epochs_completed"]
+    assert done == max(b.get("epoch", 0) for b in receiver.bodies("status"))  # the last epoch that ended
+    assert sorted({b["epoch"] for b in receiver.bodies("validation-results")}) == list(range(1, done + 1))
+    assert load_checkpoint(world, env["JOB_ID"], "last.pt")["epoch"] == done - 1  # Ultralytics counts from 0
+    assert any(b["level"] == "WARNING" and b["message"] == "job cancelled (exit 143): cancelled by the backend"
+               for b in receiver.bodies("logs"))
     pressed = next(e["time"] for e in receiver.requests("validation-results") if e["body"]["epoch"] == 1)
     stopped = next(e["time"] for e in receiver.requests("status") if e["body"]["status"] == "cancelled")
     health = receiver.requests("health")
@@ -238,6 +246,10 @@ def test_sigterm_after_the_first_epoch_leaves_a_resumable_checkpoint(world, rece
     assert final["status"] == "cancelled" and final["error"] == "received SIGTERM" and final["exit_code"] == 143
     ckpt = load_checkpoint(world, env["JOB_ID"], "last.pt")
     assert ckpt["optimizer"] is not None and 0 <= ckpt["epoch"] < 20  # resumable
+    done = final["epochs_completed"]  # every epoch that ended is stored and reported, no more, no fewer
+    assert done == max(b.get("epoch", 0) for b in receiver.bodies("status"))
+    assert ckpt["epoch"] == done - 1 and sorted({b["epoch"] for b in receiver.bodies("validation-results")}) == list(
+        range(1, done + 1))
     assert stored_events(world, env["JOB_ID"])[-1]["body"]["status"] == "cancelled"
 
 

@@ -69,6 +69,7 @@ def test_a_clean_job_logs_no_warning(job):
     the model's config as parameters was one, in every job)."""
     output = job["result"].stdout + job["result"].stderr
     assert [line for line in output.splitlines() if "WARNING" in line] == []
+    assert {b["level"] for b in job["receiver"].bodies("logs")} == {"INFO"}  # nor on the backend's log panel
 
 
 def test_every_callback_carries_the_auth_header_and_an_event_id(job):
@@ -281,6 +282,8 @@ def test_invalid_configuration_exits_2_and_reports_failed(s3_server, bucket, rec
     (final,) = receiver.bodies("status")  # no "running": the job never started
     assert final["status"] == "failed" and final["exit_code"] == 2
     assert "EPOCHS=0 is out of range" in final["error"] and "TRAIN_ARGS may not set 'data'" in final["error"]
+    (log,) = receiver.bodies("logs")  # the log panel says why, as for any failure
+    assert log["level"] == "ERROR" and log["message"].startswith("job failed (exit 2): ") and "EPOCHS=0" in log["message"]
 
 
 def test_missing_dataset_exits_2_naming_the_object(s3_server, bucket, receiver, tmp_path):
@@ -291,6 +294,8 @@ def test_missing_dataset_exits_2_naming_the_object(s3_server, bucket, receiver, 
     assert [s["status"] for s in statuses] == ["running", "failed"]
     assert statuses[-1]["error"] == f"dataset s3://{bucket}/datasets/absent.zip does not exist"
     assert statuses[-1]["exit_code"] == 2
+    errors = [b["message"] for b in receiver.bodies("logs") if b["level"] == "ERROR"]  # the contract: logs get errors
+    assert errors == [f"job failed (exit 2): dataset s3://{bucket}/datasets/absent.zip does not exist"]
 
 
 def test_a_refused_dataset_fails_without_waiting_for_torch_and_ultralytics(s3_server, s3, bucket, receiver, tmp_path):
