@@ -22,6 +22,8 @@ Locks, one pair of files next to each cache entry `X`:
   Entries are created under a temporary name and renamed into place, so a half-made entry never
   looks complete.
 - `WORK_DIR/cache.lock` (filelock): one eviction at a time.
+- `WORK_DIR/jobs/job-{JOB_ID}.lock` (fcntl.flock, exclusive): train.py's claim on its job folder,
+  from its start until the folder is removed: one training per JOB_ID and WORK_DIR at a time.
 
 fcntl.flock is Linux (POSIX) only, as is this trainer. Reads (through Settings): WORK_DIR,
 CACHE_MAX_BYTES, KEEP_JOB_FILES, JOB_ID.
@@ -54,6 +56,7 @@ SIDE_SUFFIXES = (".etag", LOCK_SUFFIX)  # files that belong to a weights entry, 
 # outlive the call that takes them (the job uses its dataset until it ends) and are released by
 # remove_job_files() or when the process exits: module state like Ultralytics' SETTINGS.
 _HELD: dict[Path, int] = {}
+_CLAIMED: dict[Path, int] = {}  # the job folder's claim (its lock file -> descriptor), see claim_job_folder
 
 
 # ----------------------------------------------------------------------------------------------
@@ -64,6 +67,33 @@ _HELD: dict[Path, int] = {}
 def job_folder(settings: Settings) -> Path:
     """The folder only this job writes (train.py's job_dir)."""
     return settings.work_dir / "jobs" / f"job-{settings.job_id}"
+
+
+def claim_job_folder(settings: Settings, wait: float) -> bool:
+    """Hold this job's lock, `jobs/job-{JOB_ID}.lock`, until its files are removed (or the process
+    exits, however it ends): a second process for the same JOB_ID and WORK_DIR (launched twice, or a
+    replacement while the first still shuts down) would clear the first's run folder under it.
+    Waits up to `wait` seconds for another holder to end; False if it still holds the lock."""
+    folder = job_folder(settings)
+    path = folder.with_name(folder.name + LOCK_SUFFIX)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
+    while (fd := _lock(path, fcntl.LOCK_EX | fcntl.LOCK_NB)) is None:
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    _CLAIMED[path] = fd
+    return True
+
+
+def _release_job_folder() -> None:
+    """The claim's end: its file goes first, while still held (`_lock` retakes a lock won on a
+    removed file), then the lock."""
+    while _CLAIMED:
+        path, fd = _CLAIMED.popitem()
+        with contextlib.suppress(OSError):
+            path.unlink()
+        os.close(fd)
 
 
 def download_dir(settings: Settings) -> Path:
@@ -78,11 +108,14 @@ def remove_job_files(settings: Settings) -> None:
     symbolic link is followed (classify/ holds links into the shared dataset: only the links go).
     """
     release_entries()
-    if settings.keep_job_files:
-        LOGGER.info("KEEP_JOB_FILES=true: keeping %s", job_folder(settings))
-        return
-    # jobs/ itself stays: another job starting now may be creating its folder in it.
-    _remove_within(settings.work_dir, job_folder(settings))
+    try:
+        if settings.keep_job_files:
+            LOGGER.info("KEEP_JOB_FILES=true: keeping %s", job_folder(settings))
+            return
+        # jobs/ itself stays: another job starting now may be creating its folder in it.
+        _remove_within(settings.work_dir, job_folder(settings))
+    finally:
+        _release_job_folder()
 
 
 def _remove_within(root: Path, path: Path) -> None:

@@ -29,7 +29,7 @@ from outbox import Outbox
 from progress import epoch_summary
 from storage import Storage
 from tracking import Tracker
-from utils import EXIT_CANCELLED, Cancelled, Redactor, within
+from utils import EXIT_CANCELLED, EXIT_OK, Cancelled, Redactor, within
 from validation import ValidationCapture, contract_metrics, epoch_report, finite_floats, sequential_val_loader
 
 LOGGER = logging.getLogger("trainer")
@@ -47,7 +47,8 @@ class StopSignal:
     deadline if a step will not, after `on_deadline` (the job's last report) had its last seconds.
     Phases: setup and training (a stop raises Cancelled at the next safe point), ddp (the workers
     are told to stop), finishing (training is over: the job completes if it can before the
-    deadline), cleanup (the job is reporting how it ended).
+    deadline), completed (reported so: what is left is MLflow's bookkeeping, and the job exits 0
+    even when the deadline cuts it short), cleanup (the job is reporting how it ended).
     """
 
     LAST_WORDS = 3.0  # seconds the watchdog keeps before the deadline for the job's last report
@@ -95,7 +96,7 @@ class StopSignal:
             within(self.remaining(0.5), self.on_deadline)
         for handler in logging.getLogger().handlers:
             handler.flush()
-        os._exit(EXIT_CANCELLED)
+        os._exit(EXIT_OK if self.phase == "completed" else EXIT_CANCELLED)  # a job reported completed succeeded
 
 
 def stop_workers() -> None:
@@ -346,6 +347,11 @@ class EpochReporter:
                                             on_done=lambda: outbox.done(epoch, "validation-results"))
         if entry.get("training-metrics"):
             self.backend.training_metrics(entry["training-metrics"], on_done=lambda: outbox.done(epoch, "training-metrics"))
+
+    def resume_after(self, epochs_done: int) -> None:
+        """A job resumed from a last.pt in storage holding `epochs_done` epochs (reported before)."""
+        with self._lock:
+            self.epochs_completed = self._stored_epoch = max(self._stored_epoch, epochs_done)
 
     @property
     def epochs_kept(self) -> int:

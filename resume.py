@@ -43,26 +43,37 @@ def prepare_run(storage: Storage, settings: Settings) -> RunStart:
     save_dir = job_dir(settings) / "train"
     shutil.rmtree(save_dir, ignore_errors=True)  # a fresh run never uploads an earlier attempt's files
     if not settings.resume:
-        return RunStart(save_dir)
+        return _new_training(storage, settings, save_dir)
     weights = save_dir / "weights"
     loc = storage.locate(settings.checkpoint_prefix + "last.pt")
     try:
         last = storage.download(loc, weights / "last.pt")
     except StorageNotFound:
-        return RunStart(save_dir)
+        return _new_training(storage, settings, save_dir)
     state, why, ckpt = _checkpoint_state(last, settings)
     if state == "finished":
         LOGGER.info("%s holds the whole training (%s): this job has finished", storage.uri(loc), why)
         return RunStart(save_dir, finished=_finished_fields(storage, settings, ckpt), epochs_done=settings.epochs)
-    if state != "resumable":
-        LOGGER.info("not resuming from %s: %s; starting a new training", storage.uri(loc), why)
+    if state != "resumable":  # a warning: the backend sees the job's epochs reported again from epoch 1
+        LOGGER.warning("not resuming from %s: %s; starting a new training", storage.uri(loc), why)
         shutil.rmtree(save_dir, ignore_errors=True)
-        return RunStart(save_dir)
+        return _new_training(storage, settings, save_dir)
     for name, dest in (("best.pt", weights / "best.pt"), ("results.csv", save_dir / "results.csv")):
         with contextlib.suppress(StorageNotFound):
             storage.download(storage.locate(settings.checkpoint_prefix + name), dest)
     LOGGER.info("resuming from %s", storage.uri(loc))
     return RunStart(save_dir, resume_from=last, epochs_done=ckpt["epoch"] + 1)
+
+
+def _new_training(storage: Storage, settings: Settings, save_dir: Path) -> RunStart:
+    """A training from the start: an earlier completion of this JOB_ID no longer holds (a pod started
+    again after this one is stopped must resume it, not report the old training completed)."""
+    try:
+        storage.delete(storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER))
+    except TrainerError as e:
+        LOGGER.warning("could not remove an earlier completion marker (%s): a pod started again may report the "
+                       "earlier training completed", e)
+    return RunStart(save_dir)
 
 
 def _checkpoint_state(last: Path, settings: Settings) -> tuple[str, str, dict]:
@@ -85,7 +96,7 @@ def _checkpoint_state(last: Path, settings: Settings) -> tuple[str, str, dict]:
 
 def _finished_fields(storage: Storage, settings: Settings, ckpt: dict) -> dict:
     """The final status of a finished job, from its stored objects and its last checkpoint."""
-    fields = {"epochs_completed": settings.epochs, "exit_code": EXIT_OK,
+    fields = {"epochs_completed": settings.epochs, "total_epochs": settings.epochs, "exit_code": EXIT_OK,
               "final_metrics": contract_metrics(ckpt.get("train_metrics") or {}, None)}
     for name, key in (("best.pt", "best_checkpoint"), ("last.pt", "last_checkpoint")):
         loc = storage.locate(settings.checkpoint_prefix + name)
@@ -108,7 +119,13 @@ def completed_before(storage: Storage, settings: Settings) -> dict | None:
     except ValueError:
         LOGGER.warning("%s is not valid JSON; ignoring it", COMPLETED_MARKER)
         return None
-    return fields if isinstance(fields, dict) else None
+    if not isinstance(fields, dict):
+        return None
+    if fields.get("total_epochs") not in (None, settings.epochs):  # as a last.pt of other EPOCHS: a new training
+        LOGGER.warning("job %s completed before with EPOCHS=%s; this one asks for EPOCHS=%d: training again",
+                       settings.job_id, fields["total_epochs"], settings.epochs)
+        return None
+    return fields
 
 
 def mark_completed(storage: Storage, settings: Settings, fields: dict) -> None:

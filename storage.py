@@ -429,6 +429,15 @@ class Storage:
             self._s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=data, ContentType=content_type)
         return self.uri(loc)
 
+    def delete(self, loc: Location) -> None:
+        """Remove an object (one that does not exist is no error, as in S3)."""
+        self._stored.pop(loc, None)
+        if self._s3 is None:
+            self._path(loc).unlink(missing_ok=True)
+            return
+        with self._errors("delete", loc):
+            self._s3.delete_object(Bucket=loc.bucket, Key=loc.key)
+
     def _write_local(self, loc: Location, write: Callable[[Path], Any]) -> str:
         """Local store: write a temporary file, then rename it over the object (atomic for readers)."""
         dest = self._path(loc)

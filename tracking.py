@@ -53,6 +53,7 @@ class Tracker:
 
     END_TIMEOUT = 10.0  # seconds to wait for the queued calls, and for ending the run
     LOG_MODEL_TIMEOUT = 900.0  # seconds logging the model, or registering it, may take (best.pt goes up too)
+    ARTIFACTS_TIMEOUT = 900.0  # seconds the job waits, once completed, for the run's files (checkpoints too)
 
     def __init__(self, settings: Settings, redact: Redactor):
         self.settings = settings

@@ -61,6 +61,7 @@ from utils import (
     EXIT_CANCELLED,
     EXIT_ERROR,
     EXIT_OK,
+    EXIT_TRANSIENT,
     BadInput,
     ConfigError,
     Redactor,
@@ -103,6 +104,9 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         mark_completed(storage, settings, run.finished)
         backend.status("completed", 100, **run.finished)
         return
+    if run.resume_from:  # what the backend holds already: the progress bar does not go back to 0
+        reporter.resume_after(run.epochs_done)
+        backend.status("running", reporter.progress(), epoch=run.epochs_done, total_epochs=settings.epochs)
     stop.check()
     data, reporter.dataset_root = download_dataset(storage, settings)
     stop.check()
@@ -114,25 +118,29 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     backend.log(f"dataset ready: {settings.dataset_uri}")
     stop.check()
     ultralytics_ready.result()
+    stop.check()
     tracker.start()
     if tracker.run_id:  # the UI links to the run while training runs
-        backend.status("running", 0, **tracker.status_fields())
+        backend.status("running", reporter.progress(), **tracker.status_fields())
+    stop.check()
     prepare_model_logging(settings, tracker)  # the model's helper warms up from here, as Ultralytics sets up
     trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
+    artifacts_started = time.monotonic()
     uris = upload_outputs(storage, settings, trainer, reporter)
     reporter.checkpoint_stored(reporter.epochs_completed)  # the final last.pt: every epoch is in storage
     backend.log(f"checkpoints uploaded to {storage.uri(storage.locate(settings.checkpoint_prefix))}")
     shipped = ship_models(storage, settings, backend, tracker, reporter, trainer, task, data, stop)
     final = {**tracker.status_fields(), "mlflow_run_url": tracker.url, "best_checkpoint": uris.get("best.pt"),
              "last_checkpoint": uris.get("last.pt"), "final_metrics": reporter.final_metrics or reporter.last_metrics,
-             "epochs_completed": reporter.epochs_completed,
+             "epochs_completed": reporter.epochs_completed, "total_epochs": settings.epochs,
              "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK, **shipped}
     final = {k: v for k, v in final.items() if v is not None}  # a field not known is left out, never null
     mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
     backend.status("completed", 100, **final)
-    artifacts.join()
+    stop.phase = "completed"  # a stop from here on cuts MLflow's bookkeeping short; the job still exits 0
+    wait_for_run_files(artifacts, artifacts_started, tracker, stop)
     tracker.finish("FINISHED")
 
 
@@ -224,6 +232,21 @@ def ship_models(storage: Storage, settings: Settings, backend: Backend, tracker:
             **log_trained_model(settings, tracker, best, task, metrics, stopped)}
 
 
+def wait_for_run_files(artifacts, started: float, tracker: Tracker, stop: StopSignal) -> None:
+    """The job is completed and reported; its files go up to the MLflow run, at most ARTIFACTS_TIMEOUT
+    from `started` (an MLflow server that hangs would keep the job forever), and after a stop request
+    no longer than leaves the run's end its time before the deadline."""
+    deadline = started + tracker.ARTIFACTS_TIMEOUT
+    while artifacts.is_alive() and time.monotonic() < deadline:
+        left = stop.remaining(StopSignal.LAST_WORDS + tracker.END_TIMEOUT)
+        if left <= 0:
+            break
+        artifacts.join(min(1.0, left, deadline - time.monotonic()))
+    if artifacts.is_alive():
+        LOGGER.warning("MLflow: the run's files are still uploading after %.0f s; ending the run without them",
+                       time.monotonic() - started)
+
+
 def log_run_artifacts(tracker: Tracker, trainer) -> None:
     save_dir = Path(trainer.save_dir)
     tracker.log_artifacts(sorted(Path(trainer.wdir).glob("*.pt")), "weights")
@@ -266,8 +289,18 @@ def report_failure(error: BaseException, settings: Settings, backend: Backend, t
     within(min(5.0, deadline - time.monotonic() - 2), tracker.finish, "KILLED" if code == EXIT_CANCELLED else "FAILED")
     backend.status("cancelled" if code == EXIT_CANCELLED else "failed", reporter.progress(), error=message,
                    exit_code=code, epochs_completed=reporter.epochs_kept, **tracker.status_fields(),
-                   training_time_seconds=round(time.monotonic() - started, 1))
+                   training_time_seconds=round(time.monotonic() - started, 1), **kept_checkpoints(settings, reporter))
     return code
+
+
+def kept_checkpoints(settings: Settings, reporter: EpochReporter) -> dict:
+    """A job that did not complete but kept epochs in storage: where its checkpoints are (last.pt is
+    resumable; best.pt went up with the first epoch and whenever it improved)."""
+    if not reporter.uploading or not reporter.epochs_kept:
+        return {}
+    storage = reporter.uploader.storage
+    return {f"{name}_checkpoint": storage.uri(storage.locate(settings.checkpoint_prefix + f"{name}.pt"))
+            for name in ("best", "last")}
 
 
 def classify_failure(error: BaseException, stop: StopSignal) -> tuple[int, str]:
@@ -289,6 +322,18 @@ def last_words(backend: Backend, tracker: Tracker, reporter: EpochReporter, stop
                        f"SHUTDOWN_TIMEOUT={stop.timeout:g} s", exit_code=EXIT_CANCELLED,
                        epochs_completed=reporter.epochs_kept, **tracker.status_fields())
     backend.close(stop.remaining(0.5))
+
+
+def report_running_elsewhere(settings: Settings, redact: Redactor) -> int:
+    """Another process trains this JOB_ID in this WORK_DIR and reports it: this one leaves its files
+    and its status alone (a `failed` would be false), says so, and exits as a transient failure."""
+    message = (f"job {settings.job_id} is being trained by another process in WORK_DIR={settings.work_dir}; "
+               f"this one exits without touching it (exit {EXIT_TRANSIENT}: try again once it has ended)")
+    LOGGER.error("%s", message)
+    backend = Backend(settings.backend, redact)  # no event log: the job's is the other process's
+    backend.log(message, level="WARNING")
+    backend.close()
+    return EXIT_TRANSIENT
 
 
 def report_config_error(error: ConfigError, redact: Redactor) -> int:
@@ -322,6 +367,8 @@ def main() -> int:
         return report_config_error(e, redact)
 
     log_configuration(settings)
+    if not cache.claim_job_folder(settings, wait=settings.shutdown_timeout + 10):  # (one that is stopping ends)
+        return report_running_elsewhere(settings, redact)
     stop = StopSignal(settings.shutdown_timeout)
     stop.install()
     event_log = job_dir(settings) / "events.jsonl"

@@ -14,7 +14,9 @@ import csv
 import datetime
 import io
 import json
+import re
 import signal
+import subprocess
 import time
 import uuid
 
@@ -24,6 +26,8 @@ import torch
 from backend import Backend
 from tests.conftest import (
     FAST_TRAINING,
+    PYTHON,
+    ROOT,
     SECRETS,
     Receiver,
     free_port,
@@ -207,6 +211,8 @@ def test_backend_cancellation_stops_the_job_within_seconds_at_the_default_interv
     assert done == max(b.get("epoch", 0) for b in receiver.bodies("status"))  # the last epoch that ended
     assert sorted({b["epoch"] for b in receiver.bodies("validation-results")}) == list(range(1, done + 1))
     assert load_checkpoint(world, env["JOB_ID"], "last.pt")["epoch"] == done - 1  # Ultralytics counts from 0
+    prefix = f"s3://{world['bucket']}/checkpoints/job-{env['JOB_ID']}/"
+    assert (final["last_checkpoint"], final["best_checkpoint"]) == (prefix + "last.pt", prefix + "best.pt")
     assert any(b["level"] == "WARNING" and b["message"] == "job cancelled (exit 143): cancelled by the backend"
                for b in receiver.bodies("logs"))
     pressed = next(e["time"] for e in receiver.requests("validation-results") if e["body"]["epoch"] == 1)
@@ -289,8 +295,11 @@ def test_sigkill_right_after_a_reported_epoch_resumes_after_it_and_reports_every
 
     (tmp_path / "second").mkdir()  # a new pod: nothing local survives, only storage
     again = {**env, "WORK_DIR": str(tmp_path / "second" / "work")}
+    before = len(receiver.bodies("status"))
     result = run_entry("train.py", again, cwd=tmp_path / "second", timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
+    progress = [b["progress"] for b in receiver.bodies("status")[before:]]
+    assert progress[0] == 0 and min(progress[1:]) >= 25.0 * done  # from the stored epochs on, never back to 0
     assert any(b["message"] == f"resumed training at epoch {done + 1} of 4" for b in receiver.bodies("logs"))
     results = [e["body"] for e in unique(receiver.requests("validation-results"))]
     assert [r["epoch"] for r in results] == [1, 2, 3, 4]  # each epoch reported exactly once, in order
@@ -349,12 +358,45 @@ def test_backend_without_training_metrics_or_image_routes_gets_every_number_as_m
 
 
 def test_resume_false_starts_again(world, receiver_factory, tmp_path):
+    """RESUME=false trains again; from its start the earlier training's completion marker is gone, so
+    a pod started again after this one is stopped resumes it instead of reporting the old one."""
     receiver = receiver_factory()
     env = job_env(world, receiver, tmp_path, EPOCHS="2", RESUME="false", JOB_ID=f"nr{uuid.uuid4().hex[:6]}")
     assert run_entry("train.py", env, cwd=tmp_path, timeout=300).returncode == 0
-    assert run_entry("train.py", env, cwd=tmp_path, timeout=300).returncode == 0
+    marker = {"Bucket": world["bucket"], "Key": f"checkpoints/job-{env['JOB_ID']}/completed.json"}
+    assert world["s3"].head_object(**marker)
+    proc = start_entry("train.py", env, tmp_path)
+    try:
+        wait_until(lambda: len(receiver.bodies("validation-results")) == 3, 120, "the second training's first epoch")
+        with pytest.raises(world["s3"].exceptions.ClientError, match="404"):
+            world["s3"].head_object(**marker)
+        assert proc.wait(120) == 0
+    finally:
+        proc.kill()
+    assert world["s3"].head_object(**marker)  # completed again
     assert [b["epoch"] for b in receiver.bodies("validation-results")] == [1, 2, 1, 2]
     assert not any("resumed" in b["message"] for b in receiver.bodies("logs"))
+
+
+def test_a_completion_marker_of_other_epochs_is_not_this_jobs_completion(tmp_path, caplog):
+    """As a last.pt trained for other EPOCHS is not resumed, a job completed with other EPOCHS is a
+    new training, not reported completed again."""
+    from config import load_settings
+    from resume import completed_before, mark_completed
+    from storage import Storage
+
+    def settings(epochs: str):
+        return load_settings({"JOB_ID": "m1", "DATASET_ID": "d", "STORAGE_TYPE": "local", "EPOCHS": epochs,
+                              "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "WORK_DIR": str(tmp_path / "w")})
+
+    storage = Storage(settings("3").storage)
+    mark_completed(storage, settings("3"), {"epochs_completed": 3, "total_epochs": 3, "exit_code": 0})
+    assert completed_before(storage, settings("3"))["epochs_completed"] == 3
+    with caplog.at_level("WARNING", logger="trainer"):
+        assert completed_before(storage, settings("5")) is None
+    assert "completed before with EPOCHS=3; this one asks for EPOCHS=5: training again" in caplog.text
+    mark_completed(storage, settings("3"), {"epochs_completed": 2, "exit_code": 0})  # an older marker
+    assert completed_before(storage, settings("5"))["epochs_completed"] == 2
 
 
 # ------------------------------------------------------------------------------------------
@@ -492,3 +534,52 @@ def test_a_damaged_checkpoint_never_replaces_the_good_one_in_storage(tmp_path):
     assert uploader.wait(30) and stored == [4]  # epoch 5 is not reported as stored
     target = tmp_path / "store" / "vision-platform" / "checkpoints" / "job-ddp1" / "last.pt"
     assert target.read_bytes() == good.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------
+# After the job is reported completed
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("phase,code", [("completed", 0), ("training", 143)])
+def test_the_shutdown_deadline_exits_0_once_the_job_was_reported_completed(phase, code, tmp_path):
+    """What is left after `completed` is MLflow's bookkeeping: a stop whose deadline cuts it short
+    must not turn the job into a failed Kubernetes Job (143 is a FailJob exit in k8s/job.yaml)."""
+    script = ("import sys, time\nfrom reporting import StopSignal\n"
+              "stop = StopSignal(3.5)\nstop.phase = sys.argv[1]\nstop.request('test')\ntime.sleep(60)\n")
+    started = time.monotonic()
+    done = subprocess.run([PYTHON, "-c", script, phase], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == code, done.stderr
+    assert time.monotonic() - started < 30 and "shutdown did not finish within SHUTDOWN_TIMEOUT=3.5 s" in done.stderr
+
+
+def test_a_completed_job_waits_for_its_mlflow_files_a_bounded_time(monkeypatch, caplog):
+    """An MLflow server that hangs while the run's files go up kept a completed job alive for good:
+    the wait ends at Tracker.ARTIFACTS_TIMEOUT, and sooner after a stop request (the run's end and
+    the last words keep their seconds before the deadline)."""
+    import threading
+
+    from reporting import StopSignal
+    from tracking import Tracker
+    from train import wait_for_run_files
+
+    hung = threading.Event()
+    artifacts = threading.Thread(target=hung.wait, daemon=True)  # a log_artifacts call that never returns
+    artifacts.start()
+    tracker = Tracker.__new__(Tracker)  # only its timeouts are read
+    monkeypatch.setattr(Tracker, "ARTIFACTS_TIMEOUT", 1.5)
+    monkeypatch.setattr(Tracker, "END_TIMEOUT", 10.0)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="trainer"):
+        wait_for_run_files(artifacts, started, tracker, StopSignal(30))
+    assert 1.4 < time.monotonic() - started < 5
+    assert re.search(r"the run's files are still uploading after \d+ s; ending the run without them", caplog.text)
+    monkeypatch.setattr(Tracker, "ARTIFACTS_TIMEOUT", 900.0)
+    stop = StopSignal(30)
+    stop.deadline = time.monotonic() + StopSignal.LAST_WORDS + Tracker.END_TIMEOUT + 1.0  # as request() sets it
+    started = time.monotonic()
+    wait_for_run_files(artifacts, started, tracker, stop)
+    assert time.monotonic() - started < 4
+    hung.set()
+    artifacts.join(5)
+    wait_for_run_files(artifacts, time.monotonic(), tracker, StopSignal(30))  # done: returns at once

@@ -194,6 +194,49 @@ def test_sigterm_after_the_first_epoch_leaves_only_the_shared_caches(world, rece
     assert left_in(work) == shared_only(work)
 
 
+HOLD_JOB = """
+import os, sys, time
+import cache
+from config import load_settings
+settings = load_settings(os.environ, "train")
+assert cache.claim_job_folder(settings, 0)
+(cache.job_folder(settings) / "train").mkdir(parents=True)
+(cache.job_folder(settings) / "train" / "results.csv").write_text("epoch\\n1\\n")
+print("held", flush=True)
+time.sleep(300)
+"""
+
+
+def test_a_second_process_for_a_job_being_trained_leaves_it_alone(world, receiver, tmp_path):
+    """The backend launching one JOB_ID twice in one WORK_DIR: the second process cleared the first's
+    run folder (which then failed at its final save, exit 1) and reported `failed` while the first
+    trained. Now it waits SHUTDOWN_TIMEOUT + 10 s for the first to end, then exits 75 (try again later)
+    leaving the folder and the job's status alone, with a warning on the backend's log panel."""
+    work = tmp_path / "work"
+    env = job_env(world, work, SHUTDOWN_TIMEOUT="1", INTERNAL_AUTH_TOKEN=SECRETS[2])
+    env["CALLBACK_URL"] = receiver.url(env["JOB_ID"])
+    first = subprocess.Popen([PYTHON, "-c", HOLD_JOB], cwd=ROOT, env={**os.environ, **env}, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        started = time.monotonic()
+        result = run_entry("train.py", env, cwd=tmp_path, timeout=120)
+        waited = time.monotonic() - started
+        assert result.returncode == 75, result.stderr[-3000:]
+        assert waited >= 10  # it waited for the first to end
+        assert (work / "jobs" / f"job-{env['JOB_ID']}" / "train" / "results.csv").read_text() == "epoch\n1\n"
+        assert receiver.bodies("status") == [] and stored(world, env["JOB_ID"]) == set()
+        (log,) = receiver.bodies("logs")
+        assert log["level"] == "WARNING" and "is being trained by another process" in log["message"]
+    finally:
+        first.kill()
+        first.wait(10)
+    settings = load_settings({**env, "WORK_DIR": str(work)}, "train")
+    assert cache.claim_job_folder(settings, wait=5)  # a killed holder's claim ends with it
+    cache.remove_job_files(settings)
+    assert list((work / "jobs").iterdir()) == []  # the folder and the claim's file are gone
+
+
 # ------------------------------------------------------------------------------------------
 # The cache cap (unit level, real files)
 # ------------------------------------------------------------------------------------------
