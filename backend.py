@@ -455,9 +455,13 @@ class LogForwarder(logging.Handler):
         self.backend = backend
         self.sent = 0
 
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Decided before the handler's lock is taken: the client logs while holding its own lock,
+        and a record forwarded from another thread waits for that lock while holding this one."""
+        return (record.module != "backend" and not getattr(record, "local_only", False)
+                and self.sent <= self.LIMIT and super().filter(record))
+
     def emit(self, record: logging.LogRecord) -> None:
-        if record.module == "backend" or getattr(record, "local_only", False) or self.sent > self.LIMIT:
-            return
         try:
             self.sent += 1
             if self.sent > self.LIMIT:

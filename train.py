@@ -373,7 +373,8 @@ def main() -> int:
     stop.install()
     event_log = job_dir(settings) / "events.jsonl"
     backend = Backend(settings.backend, redact, event_log)
-    LOGGER.addHandler(LogForwarder(backend))  # the job's warnings and errors, also on the backend's logs route
+    forwarder = LogForwarder(backend)  # the job's warnings and errors, also on the backend's logs route
+    LOGGER.addHandler(forwarder)
     tracker = Tracker(settings, redact)
     reporter = EpochReporter(settings, redact, backend, tracker, stop)
     stop.on_deadline = lambda: last_words(backend, tracker, reporter, stop)
@@ -396,6 +397,7 @@ def main() -> int:
         flush = max(0.5, min(settings.backend.flush_timeout, stop.remaining(1.0, settings.shutdown_timeout)))
     finally:
         backend.close(flush)
+        LOGGER.removeHandler(forwarder)  # nothing goes out any more (nor into the event log, removed below)
     if reporter.uploading:  # what the backend did not take stays owed in storage, for a job started again
         within(stop.remaining(0.5, default=30.0), reporter.outbox.close)
     if storage is not None:  # a courtesy copy: bounded by what is left of a stop's deadline
