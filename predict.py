@@ -59,9 +59,9 @@ from utils import (
 
 LOGGER = logging.getLogger("trainer.predict")
 
-# Decoded pixels held ahead of the model, and in one batch, at most: PREDICT_BATCH images of a
-# typical size fit many times over; 100-megapixel photos (300 MB each) go a few at a time.
-HELD_BYTES = 1 << 30
+# Decoded pixels held ahead of the model, and in one batch, at most: 16 images of 4K (25 MB each)
+# fit; 64-megapixel photos (192 MB decoded) go three at a time.
+HELD_BYTES = 512 << 20
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +221,7 @@ def load_ahead(inputs: Iterator[InputImage], workers: int, window: int, watch: S
             ahead.release(image)
             watch.read_ok()
             yield item, image, error
+            image = None  # the consumer's now: not held here while the next one is awaited
     finally:  # on an outage, reads still queued are not waited for
         ahead.close()
         pool.shutdown(wait=False, cancel_futures=True)
@@ -297,6 +298,7 @@ def batched(loaded, size: int, budget: int = HELD_BYTES):
         batch.append(x)
         held += x[1].nbytes if x[1] is not None else 0
         if len(batch) == size or held >= budget:
+            x = None  # (the batch's last image is the consumer's now)
             yield batch
             batch, held = [], 0
     if batch:
@@ -410,6 +412,7 @@ def run_predictions(model, inputs: Iterator[InputImage], spool: Spool, settings:
     for batch in batched(load_ahead(inputs, workers, 2 * settings.predict_batch, watch), settings.predict_batch):
         for item, result, error in predict_batch(model, batch, settings, device):
             spool.add(item, result, error)
+        del batch, result  # not held while the next batch is gathered (large photos: memory)
         if spool.count - reported >= 500:
             reported = spool.count
             LOGGER.info("%d images done (%.1f images/s)", spool.count, spool.count / (time.monotonic() - started))
