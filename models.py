@@ -95,6 +95,16 @@ def ultralytics_refusal(error: BaseException) -> str | None:
     return lines[0] if lines else None
 
 
+def ultralytics_message(error: BaseException, path: Path | None = None) -> str:
+    """An Ultralytics error as one line for a status: its first line, without colour codes, the
+    "ERROR ❌️" mark or the advice after it, and with `path` named by its file name alone."""
+    lines = ANSI_CODES.sub("", str(error)).strip().splitlines() or [type(error).__name__]
+    line = re.sub(r"^(ERROR|WARNING)\W*\s", "", lines[0]).strip()
+    if path is not None:
+        line = line.replace(str(path), path.name)
+    return line[:300]
+
+
 def default_device() -> str:
     """The first GPU when there is one, else the CPU (DEVICE unset)."""
     import torch

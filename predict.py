@@ -42,7 +42,7 @@ from config import Settings, load_settings, log_configuration
 from datasets import image_files, is_image_name
 from exports import load_export
 from jsonlog import json_logging
-from models import default_device, offline_environment, prepare_ultralytics
+from models import default_device, offline_environment, prepare_ultralytics, ultralytics_message
 from shards import Shard
 from storage import Storage, StorageNotFound, fetch_file
 from utils import (
@@ -95,7 +95,7 @@ def load_model(weights: Path, settings: Settings):
     except BadInput:
         raise
     except Exception as e:
-        raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {str(e).splitlines()[0][:300]}") from None
+        raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {ultralytics_message(e, weights)}") from None
     if settings.task and model.task != settings.task:
         raise BadInput(f"TASK_TYPE is {settings.task} but {weights.name} is a {model.task} model")
     LOGGER.info("loaded %s: %s model, %d classes", weights.name, model.task, len(model.names))

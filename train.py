@@ -49,6 +49,7 @@ from models import (
     resolve_model,
     resolve_task,
     train_arg_name_problems,
+    ultralytics_message,
     ultralytics_refusal,
 )
 from registry import log_trained_model, prepare_model_logging
@@ -152,7 +153,8 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     try:
         model = YOLO(weights, task=task)
     except Exception as e:
-        raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: {e}") from None
+        raise BadInput(f"MODEL_NAME={settings.model_name}: cannot load {Path(weights).name}: "
+                       f"{ultralytics_message(e, Path(weights))}") from None
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)

@@ -501,3 +501,21 @@ def test_only_errors_ultralytics_raises_about_its_input_are_bad_input():
         assert models.ultralytics_refusal(e) is None  # raised outside Ultralytics
     assert models.ultralytics_refusal(RuntimeError("CUDA out of memory")) is None
     assert models.ultralytics_refusal(KeyError("x")) is None
+
+
+def test_ultralytics_errors_read_as_one_plain_line_in_a_status(tmp_path):
+    """A junk weights file made the status say "ERROR ❌️ /long/local/path/x.pt is not a loadable
+    checkpoint ... Recommended fixes are to re-download ... 'yolo predict model=yolo26n.pt'"."""
+    from ultralytics import YOLO
+
+    import models
+
+    junk = tmp_path / "weights" / "junk.pt"
+    junk.parent.mkdir()
+    junk.write_bytes(b"\xb9" + os.urandom(2000))
+    with pytest.raises(Exception) as caught:
+        YOLO(str(junk))
+    message = models.ultralytics_message(caught.value, junk)
+    assert message.startswith("junk.pt is not a loadable checkpoint"), message
+    assert "\n" not in message and "ERROR" not in message and "❌" not in message and str(tmp_path) not in message
+    assert models.ultralytics_message(ValueError("\x1b[31mWARNING ⚠️ bad value\x1b[0m\nmore")) == "bad value"
