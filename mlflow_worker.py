@@ -9,7 +9,8 @@ another core while the trainer imports torch and downloads its dataset.
 Protocol: one JSON object per line. The trainer writes requests to stdin:
     {"op": "init", "uri": ...}                                   the tracking URI (never on the command line)
     {"op": "prepare", "experiment", "artifact_location", "job_id"}   look up the experiment and the job's run
-    {"op": "start", "id", "experiment", "artifact_location", "job_id", "project_id"}
+    {"op": "start", "id", "experiment", "artifact_location", "job_id", "project_id", "continue"}
+                                                                 continue the job's run (a resumed training), or make one
     {"op": "log", "run_id", "action", "params": [[k, v]], "metrics": [[k, v, ms, step]]}
     {"op": "artifact", "id", "run_id", "path", "artifact_path"}
     {"op": "flush", "id"}                                        answered once everything before it is done
@@ -161,15 +162,17 @@ class Worker:
         if isinstance(prepared, Exception):
             raise prepared
         experiment_id, found = prepared
-        if found:
+        if found and request.get("continue", True):
             run_id, params = found.info.run_id, sorted(found.data.params)
             self.client.update_run(run_id, status="RUNNING")
-        else:
+        else:  # the job's first training, or a new one (RESUME=false, other EPOCHS): its own run
             tags = {"job_id": request["job_id"], "project_id": request["project_id"]}
             run_id = self.client.create_run(experiment_id, run_name=f"job-{request['job_id']}", tags=tags).info.run_id
             params = []
         self.started_run = run_id
-        return {"run_id": run_id, "experiment_id": str(experiment_id), "params": params, "continued": bool(found)}
+        return {"run_id": run_id, "experiment_id": str(experiment_id), "params": params,
+                "continued": run_id == (found.info.run_id if found else None),
+                "earlier": found.info.run_id if found else None}
 
     def _log(self, request: dict) -> None:
         from mlflow.entities import Metric, Param

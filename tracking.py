@@ -117,15 +117,19 @@ class Tracker:
         elif isinstance(verify, str):
             os.environ.setdefault("MLFLOW_TRACKING_SERVER_CERT_PATH", verify)
 
-    def start(self) -> None:
-        """Make the job's run, or continue the one a previous start of the job made."""
+    def start(self, continue_run: bool = True) -> None:
+        """Continue the run an earlier start of the job made (a resumed training), or make the job's
+        run: its first, or with `continue_run` False (a new training of the job) one of its own."""
         s = self.settings
         try:
-            run = self._ask(self._lookup_request("start"))
+            run = self._ask({**self._lookup_request("start"), "continue": continue_run})
             self.run_id, self.experiment_id = run["run_id"], run["experiment_id"]
             self._params = set(run["params"])
             if run["continued"]:
                 LOGGER.info("MLflow: continuing run %s of job %s", self.run_id, s.job_id)
+            elif run.get("earlier"):
+                LOGGER.info("MLflow: a new training of job %s, in a new run %s (the earlier run %s stays as it was)",
+                            s.job_id, self.run_id, run["earlier"])
             else:
                 LOGGER.info("MLflow: run %s in experiment %r at %s", self.run_id, s.mlflow_experiment,
                             self.redact(s.mlflow_tracking_uri))

@@ -120,7 +120,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     stop.check()
     ultralytics_ready.result()
     stop.check()
-    tracker.start()
+    tracker.start(continue_run=run.resume_from is not None)  # a new training gets a run of its own
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", reporter.progress(), **tracker.status_fields())
     stop.check()

@@ -59,6 +59,21 @@ def test_prepared_start_makes_the_run_and_a_restart_continues_it(tmp_path):
     again.finish("FINISHED")
     assert [r.info.run_id for r in job_runs(settings)] == [first.run_id]
 
+    # A new training of the job (RESUME=false, other EPOCHS) gets a run of its own: numbers logged at
+    # the same steps, and parameters MLflow would refuse to change, do not mix with the earlier run's.
+    new = Tracker(settings, Redactor([]))
+    new.prepare()
+    new.start(continue_run=False)
+    assert new.active and new.run_id != first.run_id and new._params == set()
+    new.log_params({"epochs": 5})
+    new.finish("FINISHED")
+    assert client.get_run(new.run_id).data.params == {"epochs": "5"} and client.get_run(new.run_id).data.tags["job_id"]
+    latest = Tracker(settings, Redactor([]))  # a resume after it continues the newest run
+    latest.prepare()
+    latest.start()
+    assert latest.run_id == new.run_id
+    latest.finish("FINISHED")
+
 
 def test_a_job_failing_before_its_run_starts_makes_no_run(tmp_path):
     """prepare() only looks up: a job whose dataset is refused leaves no run behind."""
