@@ -166,6 +166,8 @@ class Worker:
             run_id, params = found.info.run_id, sorted(found.data.params)
             self.client.update_run(run_id, status="RUNNING")
         else:  # the job's first training, or a new one (RESUME=false, other EPOCHS): its own run
+            if found and found.info.status == "RUNNING":  # an attempt that died with its helper (node lost)
+                self.client.set_terminated(found.info.run_id, status="KILLED")
             tags = {"job_id": request["job_id"], "project_id": request["project_id"]}
             run_id = self.client.create_run(experiment_id, run_name=f"job-{request['job_id']}", tags=tags).info.run_id
             params = []

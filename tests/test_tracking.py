@@ -61,9 +61,11 @@ def test_prepared_start_makes_the_run_and_a_restart_continues_it(tmp_path):
 
     # A new training of the job (RESUME=false, other EPOCHS) gets a run of its own: numbers logged at
     # the same steps, and parameters MLflow would refuse to change, do not mix with the earlier run's.
+    client.update_run(first.run_id, status="RUNNING")  # as an attempt that died with its helper leaves it
     new = Tracker(settings, Redactor([]))
     new.prepare()
     new.start(continue_run=False)
+    assert client.get_run(first.run_id).info.status == "KILLED"  # not left running for good
     assert new.active and new.run_id != first.run_id and new._params == set()
     new.log_params({"epochs": 5})
     new.finish("FINISHED")
