@@ -261,7 +261,7 @@ class Backend:
             self.metric(name, value, row["epoch"], on_done=each, step=row["epoch"], event_id=event_id)
 
     def _append_event_log(self, method: str, route: str, body: dict) -> None:
-        if self.event_log is None:
+        if self.event_log is None or self._closed:  # closed: the log is in storage, its folder going away
             return
         try:
             with self._log_lock:
@@ -419,6 +419,7 @@ class Backend:
     def close(self, timeout: float | None = None) -> int:
         """Deliver what is queued for up to `timeout` seconds, then stop. Returns events left unsent."""
         if not self._threads:
+            self._closed = True
             return 0
         timeout = self.settings.flush_timeout if timeout is None else timeout
         with self._cond:

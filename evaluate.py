@@ -49,12 +49,12 @@ def main() -> int:
     json_out = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout, kept for the document
     os.dup2(2, 1)  # anything else that prints (Ultralytics, C libraries) lands on stderr
     sys.stdout = sys.stderr
-    settings = None
+    settings = None  # with a folder of its own in WORK_DIR: the one removed at the end
     try:
-        settings = load_settings(os.environ, "evaluate")
-        log_configuration(settings)
-        # a folder of its own in WORK_DIR, even beside a training job of the same JOB_ID
-        settings = dataclasses.replace(settings, job_id=f"evaluate-{os.getpid()}-{time.time_ns()}")
+        configured = load_settings(os.environ, "evaluate")
+        # a folder of its own, even beside a training job of the same JOB_ID (never that job's folder)
+        settings = dataclasses.replace(configured, job_id=f"evaluate-{os.getpid()}-{time.time_ns()}")
+        log_configuration(configured)
         storage = Storage(settings.storage)
         prepare_ultralytics(settings.work_dir)
         model = load_model(fetch_checkpoint(storage, settings), settings)

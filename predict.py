@@ -221,7 +221,7 @@ def load_ahead(inputs: Iterator[InputImage], workers: int, window: int, watch: S
             ahead.release(image)
             watch.read_ok()
             yield item, image, error
-            image = None  # the consumer's now: not held here while the next one is awaited
+            image = future = taken = None  # the consumer's now: not held here (the future holds it too)
     finally:  # on an outage, reads still queued are not waited for
         ahead.close()
         pool.shutdown(wait=False, cancel_futures=True)

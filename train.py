@@ -23,6 +23,7 @@ deploy, after training).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import logging
 import os
@@ -104,6 +105,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
         reporter.send_owed(run.epochs_done)  # (a resumed training sends them as it resumes)
         mark_completed(storage, settings, run.finished)
         backend.status("completed", 100, **run.finished)
+        stop.phase = "completed"  # reported: a stop from here on still exits 0
         return
     if run.resume_from:  # what the backend holds already: the progress bar does not go back to 0
         reporter.resume_after(run.epochs_done)
@@ -301,8 +303,12 @@ def kept_checkpoints(settings: Settings, reporter: EpochReporter) -> dict:
     if not reporter.uploading or not reporter.epochs_kept:
         return {}
     storage = reporter.uploader.storage
-    return {f"{name}_checkpoint": storage.uri(storage.locate(settings.checkpoint_prefix + f"{name}.pt"))
-            for name in ("best", "last")}
+    kept = {"last_checkpoint": storage.uri(storage.locate(settings.checkpoint_prefix + "last.pt"))}
+    best = storage.locate(settings.checkpoint_prefix + "best.pt")
+    with contextlib.suppress(Exception):  # (a resumed job's best.pt may be missing: a courtesy field)
+        if storage.head(best) is not None:
+            kept["best_checkpoint"] = storage.uri(best)
+    return kept
 
 
 def classify_failure(error: BaseException, stop: StopSignal) -> tuple[int, str]:
@@ -391,6 +397,7 @@ def main() -> int:
             reporter.use_storage(storage)
             reporter.send_owed(finished.get("epochs_completed") or settings.epochs)
             backend.status("completed", 100, **finished)
+            stop.phase = "completed"  # reported: a stop from here on still exits 0
         else:
             train_job(storage, settings, backend, tracker, reporter, stop, started)
         code = EXIT_OK

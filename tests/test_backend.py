@@ -202,6 +202,22 @@ def test_without_callback_url_events_are_only_logged(tmp_path, caplog):
     assert json.loads((tmp_path / "events.jsonl").read_text())["body"]["status"] == "running"
 
 
+def test_nothing_is_written_to_the_event_log_once_the_client_is_closed(tmp_path):
+    """The job uploads its event log and removes its folder after closing the client: a late event (a
+    background upload's log line) must not make the folder again."""
+    import shutil
+
+    log = tmp_path / "jobs" / "job-1" / "events.jsonl"
+    backend = Backend(BackendSettings(url=None, token=AUTH_TOKEN, connect_timeout=1, timeout=2, max_attempts=2,
+                                      flush_timeout=1), Redactor([]), log)
+    backend.status("completed", 100)
+    backend.close()
+    assert log.is_file()
+    shutil.rmtree(log.parent)
+    backend.log("checkpoint uploaded late")
+    assert not log.parent.exists()
+
+
 def test_error_text_is_redacted_before_it_leaves(receiver, tmp_path):
     backend = client(receiver.url("1"), tmp_path)
     backend.status("failed", 10, error="boto failed with key s3cr3t-value")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import uuid
 
 import cv2
@@ -178,6 +179,25 @@ def test_images_held_ahead_of_the_model_are_bounded_by_their_bytes():
         taken += 1
         ahead.append(len(started) - taken)
     assert taken == 30 and max(ahead) <= 3 + 2, ahead  # 3 decoded (the third crosses the budget), 2 loading
+    import weakref
+
+    second = threading.Event()  # the listing's next page takes until the check below
+
+    def listing():
+        yield InputImage("i0.png", read, "i0.png")
+        second.wait(30)
+        yield InputImage("i1.png", read, "i1.png")
+
+    loads = load_ahead(listing(), workers=2, window=64, watch=StorageWatch())
+    _, image, _ = next(loads)
+    handed = weakref.ref(image)
+    del image
+    waiting = threading.Thread(target=next, args=(loads,))
+    waiting.start()  # the consumer asks for the next image, which is still downloading
+    time.sleep(0.5)
+    assert handed() is None  # the image handed out is not held by the loader while the next is awaited
+    second.set()
+    waiting.join(30)
     loaded = [(None, np.zeros((200, 200, 3), np.uint8), None)] * 7 + [(None, None, "unreadable")] * 2
     assert [len(b) for b in batched(loaded, size=4, budget=300_000)] == [3, 3, 3]
     assert [len(b) for b in batched(loaded, size=4)] == [4, 4, 1]
