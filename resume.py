@@ -68,8 +68,10 @@ def prepare_run(storage: Storage, settings: Settings) -> RunStart:
 def _new_training(storage: Storage, settings: Settings, save_dir: Path) -> RunStart:
     """A training from the start: an earlier completion of this JOB_ID no longer holds (a pod started
     again after this one is stopped must resume it, not report the old training completed)."""
+    marker = storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER)
     try:
-        storage.delete(storage.locate(settings.checkpoint_prefix + COMPLETED_MARKER))
+        if storage.head(marker) is not None:  # (a policy without DeleteObject warns only where it matters)
+            storage.delete(marker)
     except TrainerError as e:
         LOGGER.warning("could not remove an earlier completion marker (%s): a pod started again may report the "
                        "earlier training completed", e)
