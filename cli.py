@@ -91,23 +91,38 @@ def handle(argv: list[str], entry: str, description: str) -> int | None:
 def help_text(entry: str, description: str) -> str:
     """The entry point's docstring, its options, and every variable it reads (variables.ENV_HELP)."""
     script = f"{entry}.py"
-    train = entry == "train"
+    objects = {"train": "dataset, the weights", "predict": "checkpoint, the input",
+               "evaluate": "checkpoint, the dataset", "export": "checkpoint"}[entry]
+    doing = {"train": "training", "predict": "predicting", "evaluate": "evaluating", "export": "exporting"}[entry]
     lines = [description.strip(), "", USAGE.format(script=script), "",
-             OPTIONS.format(objects="dataset, the weights" if train else "checkpoint, the input",
-                            doing="training" if train else "predicting"), "",
+             OPTIONS.format(objects=objects, doing=doing), "",
              f"environment variables {script} reads (real environment variables win over ./.env):"]
     for name in entry_variables(entry):
         default = ENV_VARS[name]
-        meaning = ENV_HELP.get(name, "(no description)").removeprefix(f"{script}: ")
+        meaning = re.sub(r"^\w+\.py: ", "", ENV_HELP.get(name, "(no description)"))  # its own, or one it borrows
         lines.append(f"  {name}" + (f" (default: {default})" if default else ""))
         lines.extend(textwrap.wrap(meaning, 96, initial_indent="      ", subsequent_indent="      "))
     return "\n".join(lines)
 
 
+# What evaluate.py and export.py read of the variables whose help names another entry point.
+BORROWED = {"train": set(), "predict": set(),
+            "evaluate": {"CHECKPOINT_URI", "DATASET_ID", "DATASET_URI", "VAL_FRACTION", "VALIDATION_CONF"},
+            "export": {"CHECKPOINT_URI", "DATASET_ID", "DATASET_URI"}}
+
+# train.py's (its exports after training) and export.py's, though their help names no entry point.
+NOT_READ = {"predict": {"EXPORT_FORMATS", "EXPORT_VERIFY_IMAGES"}, "evaluate": {"EXPORT_FORMATS", "EXPORT_VERIFY_IMAGES"}}
+
+
 def entry_variables(entry: str) -> list[str]:
-    """The variables an entry point reads: all of ENV_VARS but those meant for the other one."""
-    other = "predict.py:" if entry == "train" else "train.py:"
-    return [name for name in ENV_VARS if not ENV_HELP.get(name, "").startswith(other)]
+    """The variables an entry point reads: those for every entry point, its own ("<entry>.py: ..."),
+    and what it borrows of another's."""
+    def meant_for(name: str) -> str | None:
+        head = ENV_HELP.get(name, "").split(":", 1)[0]
+        return head.removesuffix(".py") if head.endswith(".py") else None
+
+    return [name for name in ENV_VARS if (meant_for(name) in (None, entry) or name in BORROWED[entry])
+            and name not in NOT_READ.get(entry, ())]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -173,6 +188,10 @@ def _train_args_checker() -> Callable:
 def _describe(settings: Settings, entry: str) -> str:
     if entry == "train":
         return f"JOB_ID={settings.job_id}, {settings.epochs} epochs of {settings.model_name} on {settings.dataset_uri}"
+    if entry == "evaluate":
+        return f"{settings.checkpoint_uri} on {settings.dataset_uri}"
+    if entry == "export":
+        return f"{settings.checkpoint_uri} to {', '.join(settings.export_formats)}"
     shard = (f", shard {settings.predict_shard} of {settings.predict_shards}" if settings.predict_shard is not None
              else "")
     return f"{settings.checkpoint_uri} on {settings.input_uri}{shard}"
@@ -215,8 +234,10 @@ class Checker:
         if entry == "train":
             return [("work folder", self.work_folder), ("storage", self.bucket), ("dataset", self.dataset),
                     ("weights", self.weights), ("backend", self.backend), ("mlflow", self.mlflow), ("gpu", self.gpu)]
+        middle = {"predict": [("input", self.input)], "evaluate": [("dataset", self.dataset)],
+                  "export": [("dataset", self.dataset)] if self.settings.dataset_uri else []}[entry]
         return [("work folder", self.work_folder), ("storage", self.bucket), ("checkpoint", self.checkpoint),
-                ("input", self.input), ("gpu", self.gpu)]
+                *middle, ("gpu", self.gpu)]
 
     def run(self, name: str, step: Callable[[], tuple[str, str]]) -> Outcome:
         started = time.monotonic()

@@ -31,6 +31,7 @@ from pathlib import Path
 from dotenv import load_dotenv
 
 import cache
+import cli
 from config import job_dir, load_settings, log_configuration
 from datasets import download_dataset
 from evaluation import evaluate, test_split
@@ -43,6 +44,8 @@ LOGGER = logging.getLogger("trainer.evaluate")
 
 
 def main() -> int:
+    if (code := cli.handle(sys.argv[1:], "evaluate", __doc__)) is not None:  # --help, --check
+        return code
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)

@@ -34,6 +34,7 @@ from pathlib import Path, PurePosixPath
 from dotenv import load_dotenv
 
 import cache
+import cli
 from config import Settings, job_dir, load_settings, log_configuration
 from datasets import download_dataset
 from exports import export_checkpoint, generated_images, store_exports, validation_images
@@ -82,6 +83,8 @@ def keep_locally(exports: list, weights: Path) -> None:
 
 
 def main() -> int:
+    if (code := cli.handle(sys.argv[1:], "export", __doc__)) is not None:  # --help, --check
+        return code
     load_dotenv(Path.cwd() / ".env", override=False)
     redact = Redactor.from_environ(os.environ)
     setup_logging(os.environ, redact)

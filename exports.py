@@ -35,7 +35,7 @@ from typing import Callable
 
 from config import Settings, job_dir
 from datasets import classification_splits, image_files, images_of
-from models import default_device
+from models import default_device, ultralytics_message
 from storage import Storage
 from utils import BadInput, TrainerError
 
@@ -94,7 +94,10 @@ def export_checkpoint(weights: Path, formats: tuple[str, ...], settings: Setting
     work.mkdir(parents=True)
     copy = work / weights.name
     shutil.copyfile(weights, copy)
-    model = YOLO(str(copy))
+    try:
+        model = YOLO(str(copy))
+    except Exception as e:  # a file that is not a checkpoint: bad input (exit 2), as for train.py and predict.py
+        raise BadInput(f"{weights.name} is not an Ultralytics checkpoint: {ultralytics_message(e, copy)}") from None
     imgsz = imgsz or int(model.overrides.get("imgsz") or 640)
     device = settings.device or default_device()
     images = images or generated_images(1, imgsz)  # at least load and run each export

@@ -306,12 +306,15 @@ def batched(loaded, size: int, budget: int = HELD_BYTES):
 
 
 def predict_batch(model, batch: list, settings: Settings, device: str):
-    """Run one batch; yields (input, result or None, error or None) in input order."""
+    """Run one batch; yields (input, result or None, error or None) in input order. Without IMGSZ the
+    model runs at the size it was trained at (Ultralytics' own default, as evaluate.py and export.py)."""
     arrays = [image for _, image, _ in batch if image is not None]
-    precision = {"quantize": 16} if device != "cpu" else {}  # half precision on a GPU ('half' is deprecated)
-    results = iter(model.predict(arrays, stream=True, conf=settings.conf, iou=settings.iou, imgsz=settings.imgsz,
+    options = {"quantize": 16} if device != "cpu" else {}  # half precision on a GPU ('half' is deprecated)
+    if os.environ.get("IMGSZ", "").strip():
+        options["imgsz"] = settings.imgsz
+    results = iter(model.predict(arrays, stream=True, conf=settings.conf, iou=settings.iou,
                                  max_det=settings.max_det, device=device, batch=len(arrays), verbose=False,
-                                 **precision) if arrays else ())
+                                 **options) if arrays else ())
     for item, image, error in batch:
         yield item, (next(results) if image is not None else None), error
 

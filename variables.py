@@ -108,7 +108,8 @@ ENV_HELP: dict[str, str] = {
     "BATCH_SIZE": "train.py: batch size; -1 = AutoBatch; a fraction in (0, 1) = that share of GPU memory",
     "LEARNING_RATE": "train.py: initial learning rate (lr0), 0 < x < 1; set = AdamW unless TRAIN_ARGS names an "
                      "optimizer; unset = Ultralytics' optimizer=auto chooses both",
-    "IMGSZ": "training and inference image size (32-8192)",
+    "IMGSZ": "training and inference image size (32-8192); unset in predict.py, evaluate.py and export.py: the "
+             "size the model was trained at",
     "DEVICE": "cpu, 0, 0,1,2,3 or mps; unset = the first GPU if there is one, else cpu",
     "WORKERS": "data loader workers of train.py (unset: min(8, CPUs)); image loading threads of predict.py "
                "(unset: 2 x CPUs, 2 to 8)",

@@ -219,6 +219,21 @@ def test_export_py_default_output_is_an_export_folder_beside_the_checkpoint(tmp_
                          "export").checkpoint_uri == "checkpoints/job-7/best.pt"
 
 
+@pytest.mark.parametrize("entry", ["export", "evaluate"])
+def test_a_file_that_is_not_a_checkpoint_is_bad_input_for_export_and_evaluate(entry, tmp_path):
+    """export.py exited 1 (retried by k8s/job.yaml's podFailurePolicy) where train.py, predict.py and
+    evaluate.py exit 2."""
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"\xb9" + os.urandom(3000))
+    dataset = make_zip(make_dataset(tmp_path / "ds", "detect", n_train=2, n_val=2), tmp_path / "ds.zip")
+    env = {"STORAGE_TYPE": "local", "LOCAL_STORAGE_DIR": str(tmp_path / "store"), "CHECKPOINT_URI": str(junk),
+           "EXPORT_FORMATS": "onnx", "DATASET_URI": str(dataset), "WORK_DIR": str(tmp_path / "work"), "IMGSZ": "64"}
+    result = run_entry(f"{entry}.py", env, cwd=tmp_path, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "junk.pt is not an Ultralytics checkpoint: junk.pt is not a loadable checkpoint" in result.stderr
+    assert result.stdout == "" and "Traceback" not in result.stderr
+
+
 # ------------------------------------------------------------------------------------------
 # The MLflow Model Registry
 # ------------------------------------------------------------------------------------------

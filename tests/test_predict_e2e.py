@@ -156,6 +156,23 @@ def test_one_image_opencv_refuses_is_an_error_entry_and_hidden_files_are_skipped
     assert all(p["detections"] and "error" not in p for p in doc["predictions"][1:])
 
 
+def test_without_imgsz_the_model_runs_at_the_size_it_was_trained_at(weights, images, tmp_path):
+    """predict.py ran at 640 whatever the model was trained at (a model trained at 64 then gave
+    hundreds of confident boxes of nothing); evaluate.py, export.py and Ultralytics itself use the
+    training size when none is asked for."""
+    import torch
+
+    ckpt = torch.load(weights(), map_location="cpu", weights_only=False)
+    ckpt["train_args"] = {**(ckpt.get("train_args") or {}), "imgsz": 64, "task": "detect"}
+    trained = tmp_path / "trained-at-64.pt"
+    torch.save(ckpt, trained)
+    base = {"STORAGE_TYPE": "local", "CHECKPOINT_URI": str(trained), "INPUT_URI": str(images[0]),
+            "CONF_THRESHOLD": "0.0", "MAX_DET": "5", "WORK_DIR": str(tmp_path / "w"), "DEVICE": "cpu"}
+    unset = run_predict(base, tmp_path)["predictions"][0]["detections"]
+    assert unset == run_predict({**base, "IMGSZ": "64"}, tmp_path)["predictions"][0]["detections"]
+    assert unset != run_predict({**base, "IMGSZ": "640"}, tmp_path)["predictions"][0]["detections"]
+
+
 def test_images_held_ahead_of_the_model_are_bounded_by_their_bytes():
     """Up to 2 x PREDICT_BATCH images are loaded ahead; of 100-megapixel photos that was 20 GB.
     Both the window ahead and a batch stop at a byte budget."""
