@@ -16,6 +16,7 @@ import logging
 import math
 import re
 import tempfile
+import urllib.parse
 from pathlib import Path, PurePosixPath
 from typing import Any, Callable, Mapping
 
@@ -468,21 +469,56 @@ def _storage_settings(env: _Env) -> StorageSettings:
               "verify": tls_verify(env),
               "progress_interval": env.number("PROGRESS_INTERVAL", float, 0, 3600, "seconds from 0 to 3600 (0 = none)")}
     if kind == "minio":
-        endpoint = env.str("MINIO_ENDPOINT")
-        if "://" not in endpoint:
-            endpoint = f"http://{endpoint}"  # MinIO SDK style host:port
-        return StorageSettings("minio", bucket, endpoint, env.str("MINIO_ACCESS_KEY", required=True),
+        endpoint = _endpoint(env, "MINIO_ENDPOINT", "http")  # MinIO SDK style host:port is http://
+        return StorageSettings("minio", _bucket(env, "STORAGE_BUCKET"), endpoint, env.str("MINIO_ACCESS_KEY", required=True),
                                env.str("MINIO_SECRET_KEY", required=True), "us-east-1", **common)
     if kind == "r2":
-        return StorageSettings("r2", env.str("R2_BUCKET") or bucket, env.str("R2_ENDPOINT", required=True),
+        name = "R2_BUCKET" if env.str("R2_BUCKET") else "STORAGE_BUCKET"
+        return StorageSettings("r2", _bucket(env, name), _endpoint(env, "R2_ENDPOINT", "https", required=True),
                                env.str("R2_ACCESS_KEY_ID", required=True), env.str("R2_SECRET_ACCESS_KEY", required=True),
                                "auto", **common)
     if kind == "s3":  # AWS: credentials, region and endpoint come from boto3's usual AWS_* chain
-        return StorageSettings("s3", bucket, **common)
+        for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # boto3's own variables: checked, not taken
+            if value := (env.environ.get(name) or "").strip():
+                _url(env, name, value, None)
+        return StorageSettings("s3", _bucket(env, "STORAGE_BUCKET"), **common)
     if kind == "local":
         return StorageSettings("local", bucket, local_dir=Path(env.str("LOCAL_STORAGE_DIR")).expanduser().resolve(), **common)
     env.problems.append(f"STORAGE_TYPE={kind!r} must be one of {', '.join(STORAGE_TYPES)}")
     return StorageSettings("local", bucket or "")
+
+
+def _bucket(env: _Env, name: str) -> str:
+    """A bucket name S3, MinIO and R2 accept (3-63 lowercase letters, digits, dots and hyphens): botocore
+    refuses others before sending anything, which would read as storage unreachable (exit 75)."""
+    bucket = env.str(name) or ""
+    if not S3_BUCKET.fullmatch(bucket):
+        env.problems.append(f"{name}={bucket!r} is not a bucket name: 3 to 63 lowercase letters, digits, dots and "
+                            "hyphens, starting and ending with a letter or digit")
+    return bucket
+
+
+def _endpoint(env: _Env, name: str, scheme: str | None, required: bool = False) -> str | None:
+    """An http(s) endpoint URL; host:port gets `scheme://` (None: the scheme is required). What boto3
+    would refuse when it makes its client (an exit 1 with a traceback) is a configuration problem."""
+    value = env.str(name, required=required)
+    return _url(env, name, value, scheme) if value else value
+
+
+def _url(env: _Env, name: str, value: str, scheme: str | None) -> str:
+    url = value if "://" in value or scheme is None else f"{scheme}://{value}"
+    try:
+        parts = urllib.parse.urlsplit(url)
+        port_ok = parts.port is None or 0 < parts.port < 65536
+    except ValueError:
+        parts, port_ok = None, False
+    if not (parts and parts.scheme in ("http", "https") and parts.hostname and port_ok and not parts.query
+            and not parts.fragment):
+        shown = re.sub(r"//[^/@]*@", "//***@", value)  # credentials in the URL stay out of the message
+        env.problems.append(f"{name}={shown!r} must be an http:// or https:// URL with a host "
+                            "(host:port alone means " + (f"{scheme}://" if scheme else "nothing here: give the scheme")
+                            + "), without a query")
+    return url
 
 
 def backend_settings(env: _Env | Mapping[str, str]) -> BackendSettings:

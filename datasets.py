@@ -305,6 +305,7 @@ def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> 
     if len(objects) > settings.dataset_max_files or total > settings.dataset_max_bytes:
         raise BadInput(f"dataset prefix {storage.uri(prefix)} holds {len(objects)} objects, {total} bytes: over "
                        f"DATASET_MAX_FILES={settings.dataset_max_files} or DATASET_MAX_BYTES={settings.dataset_max_bytes}")
+    _check_prefix_names(storage.uri(prefix), [loc.key[len(prefix.key):] for loc, _ in objects])
     listing = "\n".join(f"{loc.key} {info.etag} {info.size}" for loc, info in objects)
     folder = _cache_dir(settings, prefix.key.rstrip("/") or prefix.bucket, hashlib.sha256(listing.encode()).hexdigest())
 
@@ -323,6 +324,18 @@ def _download_prefix(storage: Storage, prefix: Location, settings: Settings) -> 
     if not cache.provide(settings, folder, fill, total):
         LOGGER.info("dataset %s already downloaded at %s", storage.uri(prefix), folder)
     return folder
+
+
+def _check_prefix_names(uri: str, names: list[str]) -> None:
+    """Object names that cannot all be files of one folder are bad input, found before any download:
+    S3 lets `images` be an object and `images/a.jpg` another (an archive's entries are checked alike,
+    archives.py)."""
+    objects = set(names)
+    for name in names:
+        parts = name.split("/")
+        for i in range(1, len(parts)):
+            if (folder := "/".join(parts[:i])) in objects:
+                raise BadInput(f"dataset prefix {uri}: {folder} is an object, and also the folder of {name}")
 
 
 def _cache_dir(settings: Settings, name: str, version: str) -> Path:

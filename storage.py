@@ -172,8 +172,10 @@ class Storage:
         info = info or self.head(loc)
         if info is None:
             raise StorageNotFound(f"{self.uri(loc)} does not exist")
-        dest.parent.mkdir(parents=True, exist_ok=True)
         part = dest.with_name(dest.name + f".part-{os.getpid()}-{threading.get_ident()}")
+        if any(len(os.fsencode(p)) > 255 for p in part.parts):  # (the file system's limit, the .part name's too)
+            raise BadInput(f"{self.uri(loc)}: its name is too long for a local file ({dest.name[:40]}...)")
+        dest.parent.mkdir(parents=True, exist_ok=True)
         log = LOGGER.debug if quiet else LOGGER.info
         log("downloading %s (%s) to %s", self.uri(loc), human_size(info.size), dest)
         start = time.monotonic()  # previous: the digest an earlier transfer of it gave (see _mismatch)
@@ -199,6 +201,11 @@ class Storage:
                     break
                 if attempt == 2:
                     raise TransientError(f"download of {self.uri(loc)} is corrupt: {problem}")
+                fresh = self.head(loc)
+                if fresh is not None and fresh.etag != info.etag:  # replaced meanwhile (a checkpoint each epoch):
+                    LOGGER.info("%s was replaced while it downloaded; downloading the new one", self.uri(loc))
+                    info, previous = fresh, None  # the new object's digest; no verdict on this store's ETags
+                    continue
                 LOGGER.warning("download of %s does not match (%s); downloading again", self.uri(loc), problem)
             os.replace(part, dest)
         finally:

@@ -131,6 +131,34 @@ def test_minio_endpoint_without_scheme_gets_http():
     assert load_settings({**BASE, "MINIO_ENDPOINT": "minio:9000"}).storage.endpoint == "http://minio:9000"
 
 
+@pytest.mark.parametrize("env,variable", [
+    ({"STORAGE_BUCKET": "vision platform"}, "STORAGE_BUCKET"),
+    ({"STORAGE_BUCKET": "vision-platform/sub"}, "STORAGE_BUCKET"),
+    ({"STORAGE_BUCKET": "arn:aws:s3:::x"}, "STORAGE_BUCKET"),
+    ({"STORAGE_TYPE": "s3", "STORAGE_BUCKET": "Upper"}, "STORAGE_BUCKET"),
+    ({"STORAGE_TYPE": "r2", "R2_BUCKET": "r2_bucket", "R2_ENDPOINT": "https://a.r2.cloudflarestorage.com",
+      "R2_ACCESS_KEY_ID": "a", "R2_SECRET_ACCESS_KEY": "b"}, "R2_BUCKET"),
+    ({"MINIO_ENDPOINT": "http://"}, "MINIO_ENDPOINT"),
+    ({"MINIO_ENDPOINT": "http://[::1"}, "MINIO_ENDPOINT"),
+    ({"MINIO_ENDPOINT": "ftp://minio:9000"}, "MINIO_ENDPOINT"),
+    ({"MINIO_ENDPOINT": "http://minio:9000?x=1"}, "MINIO_ENDPOINT"),
+    ({"MINIO_ENDPOINT": "http://minio:99999"}, "MINIO_ENDPOINT"),
+    ({"STORAGE_TYPE": "s3", "AWS_ENDPOINT_URL": "host:9000"}, "AWS_ENDPOINT_URL"),
+])
+def test_bucket_names_and_endpoints_boto3_would_refuse_are_configuration_problems(env, variable):
+    """botocore refuses them before any request: that read as storage unreachable (exit 75, retried) or
+    crashed with a traceback (exit 1); it is a configuration problem (exit 2) naming the variable."""
+    found = problems({**BASE, **env})
+    assert len(found) == 1 and found[0].startswith(f"{variable}="), found
+
+
+def test_r2_endpoint_without_scheme_gets_https():
+    s = load_settings({**BASE, "STORAGE_TYPE": "r2", "R2_ENDPOINT": "acct.r2.cloudflarestorage.com",
+                       "R2_ACCESS_KEY_ID": "a", "R2_SECRET_ACCESS_KEY": "b"})
+    assert s.storage.endpoint == "https://acct.r2.cloudflarestorage.com"
+    assert "***@" in problems({**BASE, "MINIO_ENDPOINT": "http://user:pw-secret@minio:0"})[0]  # no credential shown
+
+
 def test_dataset_uri_overrides_dataset_id():
     s = load_settings({**BASE, "DATASET_URI": "s3://other/data/x.tar.gz"})
     assert s.dataset_uri == "s3://other/data/x.tar.gz"

@@ -91,6 +91,39 @@ def test_prefix_dataset_with_folder_markers_is_downloaded_whole(storage, s3, s3_
     assert got == sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+def test_prefix_names_that_cannot_be_local_files_are_bad_input(storage, s3, s3_server, tmp_path):
+    """S3 lets `images` and `images/a.jpg` both be objects, and a key part be 1,024 bytes long: such a
+    prefix dataset ended in IsADirectoryError or 'File name too long', exit 1."""
+    import datasets
+    from config import load_settings
+    from tests.conftest import storage_env
+
+    def fetch(prefix: str):
+        settings = load_settings({**storage_env(s3_server, storage.bucket), "JOB_ID": "n1", "DATASET_URI": prefix,
+                                  "WORK_DIR": str(tmp_path / "work")})
+        return datasets.download_dataset(storage, settings)
+
+    for key in ("clash/images", "clash/images/a.jpg"):
+        s3.put_object(Bucket=storage.bucket, Key=key, Body=b"x")
+    with pytest.raises(BadInput, match="clash/: images is an object, and also the folder of images/a.jpg"):
+        fetch("clash/")
+    s3.put_object(Bucket=storage.bucket, Key="long/images/" + "a" * 240 + ".jpg", Body=b"x")
+    with pytest.raises(BadInput, match="its name is too long for a local file"):
+        fetch("long/")
+
+
+def test_an_object_replaced_while_it_downloads_is_taken_new_and_the_store_still_trusted(storage, s3, tmp_path):
+    """Replaced by one of the same size between the HEAD and the GET (a checkpoint uploaded each epoch
+    while predict.py fetches it): the second transfer used to give the same 'mismatch' and the store's
+    ETags were judged not to be MD5s, so nothing was checked by MD5 for the rest of the process."""
+    loc = Location(storage.bucket, "race/best.pt")
+    s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=b"A" * 1000)
+    old = storage.head(loc)
+    s3.put_object(Bucket=loc.bucket, Key=loc.key, Body=b"B" * 1000)  # replaced after the HEAD
+    got = storage.download(loc, tmp_path / "best.pt", old)
+    assert got.read_bytes() == b"B" * 1000 and not storage._etags_not_md5
+
+
 def test_s3_uri_with_another_bucket_is_honoured(storage):
     assert storage.locate("s3://elsewhere/a/b.pt") == Location("elsewhere", "a/b.pt")
     assert storage.locate("/a/b.pt") == Location(storage.bucket, "a/b.pt")
