@@ -122,12 +122,13 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     stop.check()
     ultralytics_ready.result()
     stop.check()
+    model = build_model(settings, task, weights, reporter)  # weights that do not load make no MLflow run
     tracker.start(continue_run=run.resume_from is not None)  # a new training gets a run of its own
     if tracker.run_id:  # the UI links to the run while training runs
         backend.status("running", reporter.progress(), **tracker.status_fields())
     stop.check()
     prepare_model_logging(settings, tracker)  # the model's helper warms up from here, as Ultralytics sets up
-    trainer = train_model(settings, task, weights, data, reporter, run.save_dir, resume=run.resume_from is not None)
+    trainer = train_model(settings, model, data, reporter, run.save_dir, resume=run.resume_from is not None)
     stop.phase = "finishing"
     artifacts = background(log_run_artifacts, tracker, trainer)  # MLflow's copies go up beside storage's
     artifacts_started = time.monotonic()
@@ -147,9 +148,8 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     tracker.finish("FINISHED")
 
 
-def train_model(settings: Settings, task: str, weights: str, data: Path, reporter: EpochReporter, save_dir: Path,
-                resume: bool = False):
-    """Run Ultralytics training (or resume it); returns its trainer (save_dir, best/last paths, metrics)."""
+def build_model(settings: Settings, task: str, weights: str, reporter: EpochReporter):
+    """The Ultralytics model from its weights (or config), with the job's callbacks; BadInput if it does not load."""
     from ultralytics import YOLO
 
     try:
@@ -160,6 +160,11 @@ def train_model(settings: Settings, task: str, weights: str, data: Path, reporte
     for event, hook in reporter.callbacks().items():
         model.add_callback(event, hook)
     model.add_callback("on_train_epoch_end", freeze_long_lived_objects)
+    return model
+
+
+def train_model(settings: Settings, model, data: Path, reporter: EpochReporter, save_dir: Path, resume: bool = False):
+    """Run Ultralytics training (or resume it); returns its trainer (save_dir, best/last paths, metrics)."""
     device = settings.device or default_device()
     workers = settings.workers if settings.workers is not None else min(8, available_cpus())
     if resume:

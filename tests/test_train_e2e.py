@@ -9,6 +9,7 @@ from __future__ import annotations
 import io
 import json
 import math
+import os
 import re
 import uuid
 import zipfile
@@ -314,6 +315,25 @@ def test_a_refused_dataset_fails_without_waiting_for_torch_and_ultralytics(s3_se
     assert result.returncode == 2, result.stderr[-2000:]
     final = receiver.bodies("status")[-1]
     assert final["status"] == "failed" and "has no data.yaml" in final["error"]
+
+
+def test_weights_that_do_not_load_are_bad_input_and_make_no_mlflow_run(s3_server, s3, bucket, receiver, dataset_zip,
+                                                                        tmp_path):
+    """docs/job.md: a job refused before training makes no MLflow run; one refused for its weights made
+    a FAILED run (its failed status even named it), as the run was made before the model was built."""
+    import sqlite3
+
+    s3.upload_file(str(dataset_zip("detect")), bucket, "datasets/ds.zip")
+    s3.put_object(Bucket=bucket, Key="models/junk.pt", Body=b"\xb9" + os.urandom(3000))
+    env = base_env(s3_server, bucket, receiver, tmp_path, MODEL_NAME="s3://" + bucket + "/models/junk.pt")
+    result = run_entry("train.py", env, cwd=tmp_path, timeout=180)
+    assert result.returncode == 2, result.stderr[-2000:]
+    final = receiver.bodies("status")[-1]
+    assert final["error"].startswith(f"MODEL_NAME=s3://{bucket}/models/junk.pt: cannot load junk.pt: junk.pt is not a "
+                                     "loadable checkpoint") and "mlflow_run_id" not in final
+    database = tmp_path / "ml.db"
+    runs = sqlite3.connect(database).execute("select count(*) from runs").fetchone()[0] if database.exists() else 0
+    assert runs == 0
 
 
 def test_pretrained_name_without_weights_is_a_clear_bad_input(s3_server, s3, bucket, receiver, dataset_zip, tmp_path):
