@@ -34,7 +34,7 @@ demo: venv
 	@echo "demo done:"
 	@echo "  checkpoints and outputs: $(DEMO)/storage/vision-platform/checkpoints/job-demo/"
 	@echo "  MLflow store:            $(DEMO)/work/mlflow.db  (mlflow ui --backend-store-uri sqlite:///$(DEMO)/work/mlflow.db)"
-	@echo "  event log:               $(DEMO)/work/jobs/job-demo/events.jsonl"
+	@echo "  event log:               $(DEMO)/storage/vision-platform/checkpoints/job-demo/events.jsonl"
 	@echo "  predictions:             $(DEMO)/predictions.json ($$($(PY) -c 'import json;print(json.load(open("$(DEMO)/predictions.json"))["count"])') images, $$($(PY) -c 'import json;print(sum(len(p["detections"]) for p in json.load(open("$(DEMO)/predictions.json"))["predictions"]))') detections)"
 
 bench: venv

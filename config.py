@@ -273,8 +273,9 @@ def load_settings(environ: Mapping[str, str], entry: str = "train",
         env.problems.append("DATASET_ID (or DATASET_URI) is required")
 
     epochs = env.number("EPOCHS", int, 1, 100_000, "an integer >= 1")
+    known = len(env.problems)
     batch = env.number("BATCH_SIZE", float, -1, 100_000, "an integer >= 1, -1 for AutoBatch, or a GPU memory fraction in (0, 1)")
-    if batch not in (-1,) and not (0 < batch < 1) and (batch < 1 or batch != int(batch)):
+    if len(env.problems) == known and batch not in (-1,) and not (0 < batch < 1) and (batch < 1 or batch != int(batch)):
         env.problems.append(f"BATCH_SIZE={environ.get('BATCH_SIZE')} must be an integer >= 1, -1, or a fraction in (0, 1)")
     lr0 = env.number("LEARNING_RATE", float, 0, 1, "0 < LEARNING_RATE < 1") if env.str("LEARNING_RATE") else None
     if lr0 in (0, 1):

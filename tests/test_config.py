@@ -256,3 +256,9 @@ def test_train_arg_names_are_checked_without_importing_ultralytics():
     from models import ultralytics_argument_names
 
     assert ultralytics_argument_names() == set(DEFAULT_CFG_DICT)
+
+
+@pytest.mark.parametrize("value", ["-2", "0", "1.5", "abc"])
+def test_a_bad_batch_size_is_reported_once(value):
+    found = problems({**BASE, "BATCH_SIZE": value})
+    assert len(found) == 1 and found[0].startswith("BATCH_SIZE="), found
