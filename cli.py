@@ -149,7 +149,11 @@ def check(entry: str) -> int:
         for handler in logging.getLogger().handlers:  # the checks' own lines are the report
             handler.setLevel(logging.WARNING)
     as_json = (os.environ.get("LOG_FORMAT") or "").strip().lower() == "json"
-    return run_checks(entry, os.environ, sys.stdout, as_json)
+    sys.stdout.flush()
+    report = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout: the report's lines only
+    os.dup2(2, 1)  # what else prints (Ultralytics' first-run settings notice, C libraries) goes to stderr
+    sys.stdout = sys.stderr
+    return run_checks(entry, os.environ, report, as_json)
 
 
 def run_checks(entry: str, environ: Mapping[str, str], out: TextIO, as_json: bool = False) -> int:

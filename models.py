@@ -75,6 +75,7 @@ def prepare_ultralytics(work_dir: Path) -> None:
     })
     UL_LOGGER.handlers.clear()  # route Ultralytics' messages through our stderr handler and redaction
     UL_LOGGER.propagate = True
+    UL_LOGGER.setLevel(logging.NOTSET)  # LOG_LEVEL decides (Ultralytics sets its own logger to INFO)
 
 
 ANSI_CODES = re.compile(r"\x1b\[[0-9;]*m")

@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from concurrent.futures import Future
 from pathlib import Path
@@ -104,13 +105,18 @@ class Redactor:
 
 
 class _RedactingFilter(logging.Filter):
+    """Secrets masked in every record; colour codes (Ultralytics') removed unless stderr is a terminal."""
+
+    COLOURS = re.compile(r"\x1b\[[0-9;]*m")
+
     def __init__(self, redact: Redactor):
         super().__init__()
         self.redact = redact
+        self.plain = not (hasattr(sys.stderr, "isatty") and sys.stderr.isatty())
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        clean = self.redact(message)
+        clean = self.redact(self.COLOURS.sub("", message) if self.plain else message)
         if clean != message:
             record.msg, record.args = clean, None
         if record.exc_info and record.exc_info[1] is not None:

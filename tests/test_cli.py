@@ -19,6 +19,7 @@ import pytest
 import cli
 from variables import ENV_HELP, ENV_VARS
 from tests.conftest import AUTH_TOKEN, ROOT, SECRETS, free_port, storage_env
+from tests.sample_data import make_dataset, make_zip
 from utils import BadInput
 
 LINE = re.compile(r"^(ok|warn|skipped|problem|unreachable|error) +(.+?) +(\d+\.\d\d) s  (.*)$")
@@ -182,6 +183,19 @@ def test_check_lines_are_json_with_log_format_json(train_env):
     lines = [json.loads(line) for line in out.getvalue().splitlines()]
     assert code == 75 and lines[-1] == {"summary": {"ok": 3, "skipped": 4, "unreachable": 1}, "exit_code": 75}
     assert {"name", "status", "seconds", "detail"} == set(lines[0])
+
+
+def test_check_prints_only_its_json_lines_on_stdout_in_a_new_work_folder(tmp_path):
+    """TRAIN_ARGS' values are checked by Ultralytics, whose first run in a new folder (every pod's
+    emptyDir) prints a settings notice: it went to stdout among the JSON lines and broke jq."""
+    dataset = make_zip(make_dataset(tmp_path / "ds", "detect", n_train=2, n_val=1), tmp_path / "ds.zip")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "STORAGE_TYPE": "local", "JOB_ID": "j1",
+           "DATASET_URI": str(dataset), "MODEL_NAME": "yolo11n.yaml", "WORK_DIR": str(tmp_path / "new-work"),
+           "TRAIN_ARGS": '{"patience": 3}', "LOG_FORMAT": "json", "YOLO_OFFLINE": "1"}
+    result = subprocess.run([sys.executable, str(ROOT / "train.py"), "--check"], env=env, cwd=tmp_path,
+                            capture_output=True, text=True, timeout=180)
+    lines = [json.loads(line) for line in result.stdout.splitlines()]  # every line is JSON
+    assert lines[0]["name"] == "configuration" and "summary" in lines[-1], result.stdout
 
 
 def test_unknown_model_config_is_a_problem(tmp_path, monkeypatch):

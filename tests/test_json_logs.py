@@ -156,3 +156,27 @@ def test_exit_now_keeps_the_code_and_every_line_and_does_not_wait_for_idle_threa
     assert result.returncode == 7, result.stderr
     messages = [e["message"] for e in parse_every_line(result.stderr)]
     assert messages[-2:] == ["last record", "printed last"], messages
+
+
+ULTRALYTICS_LINES = """
+import logging, os, sys
+from models import prepare_ultralytics
+from utils import Redactor, setup_logging
+setup_logging(os.environ, Redactor([]))
+prepare_ultralytics(__import__("pathlib").Path(sys.argv[1]))
+from ultralytics.utils import LOGGER
+LOGGER.info("an info line of Ultralytics")
+LOGGER.warning("\\x1b[34m\\x1b[1ma coloured warning\\x1b[0m of Ultralytics")
+"""
+
+
+def test_log_level_governs_ultralytics_and_text_logs_carry_no_colour_codes(tmp_path):
+    """LOG_LEVEL=WARNING left Ultralytics' 50-odd INFO lines of a short job (its logger keeps its own
+    level), and text logs to a file or a pod's log carried its terminal colour codes."""
+    env = {"PATH": __import__("os").environ["PATH"], "HOME": str(tmp_path), "LOG_LEVEL": "WARNING",
+           "YOLO_OFFLINE": "1"}
+    done = subprocess.run([sys.executable, "-c", ULTRALYTICS_LINES, str(tmp_path / "work")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "an info line" not in done.stderr
+    assert "WARNING ultralytics: a coloured warning of Ultralytics" in done.stderr and "\x1b" not in done.stderr
