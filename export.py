@@ -63,9 +63,11 @@ def comparison_images(storage: Storage, settings: Settings) -> tuple[list, str]:
     """The images exports are compared on, and where they come from."""
     if not settings.dataset_uri:
         return generated_images(2), "generated"
+    if settings.export_verify_images <= 0:  # (export_checkpoint then loads and runs each export on one)
+        return [], "generated"
     data, _ = download_dataset(storage, settings)
     images = validation_images(data, settings.export_verify_images)
-    return images, f"validation images of {settings.dataset_uri}"
+    return images, f"validation images of {settings.dataset_uri}" if images else "generated"
 
 
 def keep_locally(exports: list, weights: Path) -> None:

@@ -219,6 +219,19 @@ def test_export_py_default_output_is_an_export_folder_beside_the_checkpoint(tmp_
                          "export").checkpoint_uri == "checkpoints/job-7/best.pt"
 
 
+def test_export_py_says_generated_when_it_compares_on_no_validation_image(tmp_path):
+    """EXPORT_VERIFY_IMAGES=0 made the document say "validation images of ..." while one generated
+    image was used (and the dataset was downloaded for nothing)."""
+    from config import load_settings
+    from export import comparison_images
+    from storage import Storage
+
+    settings = load_settings({"STORAGE_TYPE": "local", "LOCAL_STORAGE_DIR": str(tmp_path), "CHECKPOINT_URI": "x.pt",
+                              "EXPORT_FORMATS": "onnx", "DATASET_URI": str(tmp_path / "absent.zip"),
+                              "EXPORT_VERIFY_IMAGES": "0", "WORK_DIR": str(tmp_path / "w")}, "export")
+    assert comparison_images(Storage(settings.storage), settings) == ([], "generated")
+
+
 @pytest.mark.parametrize("entry", ["export", "evaluate"])
 def test_a_file_that_is_not_a_checkpoint_is_bad_input_for_export_and_evaluate(entry, tmp_path):
     """export.py exited 1 (retried by k8s/job.yaml's podFailurePolicy) where train.py, predict.py and
