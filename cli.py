@@ -107,7 +107,7 @@ def help_text(entry: str, description: str) -> str:
 
 # What evaluate.py and export.py read of the variables whose help names another entry point.
 BORROWED = {"train": set(), "predict": set(),
-            "evaluate": {"CHECKPOINT_URI", "DATASET_ID", "DATASET_URI", "VAL_FRACTION", "VALIDATION_CONF"},
+            "evaluate": {"CHECKPOINT_URI", "DATASET_ID", "DATASET_URI", "VAL_FRACTION", "VALIDATION_CONF", "BATCH_SIZE"},
             "export": {"CHECKPOINT_URI", "DATASET_ID", "DATASET_URI"}}
 
 # train.py's (its exports after training) and export.py's, though their help names no entry point.
@@ -118,8 +118,8 @@ def entry_variables(entry: str) -> list[str]:
     """The variables an entry point reads: those for every entry point, its own ("<entry>.py: ..."),
     and what it borrows of another's."""
     def meant_for(name: str) -> str | None:
-        head = ENV_HELP.get(name, "").split(":", 1)[0]
-        return head.removesuffix(".py") if head.endswith(".py") else None
+        found = re.match(r"^(\w+)\.py: ", ENV_HELP.get(name, ""))
+        return found[1] if found else None
 
     return [name for name in ENV_VARS if (meant_for(name) in (None, entry) or name in BORROWED[entry])
             and name not in NOT_READ.get(entry, ())]
@@ -153,7 +153,12 @@ def check(entry: str) -> int:
     report = os.fdopen(os.dup(1), "w", encoding="utf-8")  # the real stdout: the report's lines only
     os.dup2(2, 1)  # what else prints (Ultralytics' first-run settings notice, C libraries) goes to stderr
     sys.stdout = sys.stderr
-    return run_checks(entry, os.environ, report, as_json)
+    try:
+        return run_checks(entry, os.environ, report, as_json)
+    finally:  # fd 1 back: a copy of LOG_FORMAT=json's capture pipe left there would hold its reader at exit
+        sys.stderr.flush()
+        os.dup2(report.fileno(), 1)
+        sys.stdout = sys.__stdout__
 
 
 def run_checks(entry: str, environ: Mapping[str, str], out: TextIO, as_json: bool = False) -> int:

@@ -54,6 +54,7 @@ ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
 S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+LEGACY_BUCKET = re.compile(r"[a-zA-Z0-9.\-_]{1,255}")  # botocore's own check (older us-east-1 names)
 
 
 
@@ -482,18 +483,19 @@ def _storage_settings(env: _Env) -> StorageSettings:
         for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):  # boto3's own variables: checked, not taken
             if value := (env.environ.get(name) or "").strip():
                 _url(env, name, value, None)
-        return StorageSettings("s3", _bucket(env, "STORAGE_BUCKET"), **common)
+        return StorageSettings("s3", _bucket(env, "STORAGE_BUCKET", legacy=True), **common)
     if kind == "local":
         return StorageSettings("local", bucket, local_dir=Path(env.str("LOCAL_STORAGE_DIR")).expanduser().resolve(), **common)
     env.problems.append(f"STORAGE_TYPE={kind!r} must be one of {', '.join(STORAGE_TYPES)}")
     return StorageSettings("local", bucket or "")
 
 
-def _bucket(env: _Env, name: str) -> str:
-    """A bucket name S3, MinIO and R2 accept (3-63 lowercase letters, digits, dots and hyphens): botocore
-    refuses others before sending anything, which would read as storage unreachable (exit 75)."""
+def _bucket(env: _Env, name: str, legacy: bool = False) -> str:
+    """A bucket name the store accepts: 3-63 lowercase letters, digits, dots and hyphens (MinIO, R2,
+    S3 today); with `legacy` (AWS), also the older us-east-1 names botocore still takes (upper case,
+    underscores). botocore refuses others before sending anything, which read as storage unreachable."""
     bucket = env.str(name) or ""
-    if not S3_BUCKET.fullmatch(bucket):
+    if not (S3_BUCKET.fullmatch(bucket) or (legacy and LEGACY_BUCKET.fullmatch(bucket))):
         env.problems.append(f"{name}={bucket!r} is not a bucket name: 3 to 63 lowercase letters, digits, dots and "
                             "hyphens, starting and ending with a letter or digit")
     return bucket

@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import posixpath
 import re
 import shutil
 from concurrent.futures import ThreadPoolExecutor
@@ -330,9 +331,12 @@ def _check_prefix_names(uri: str, names: list[str]) -> None:
     """Object names that cannot all be files of one folder are bad input, found before any download:
     S3 lets `images` be an object and `images/a.jpg` another (an archive's entries are checked alike,
     archives.py)."""
-    objects = set(names)
-    for name in names:
-        parts = name.split("/")
+    local = {name: posixpath.normpath(name.replace("\\", "/")) for name in names}  # as safe_target places them
+    objects = set(local.values())
+    for name, path in local.items():
+        parts = path.split("/")
+        if any(len(part.encode()) > 200 for part in parts):  # (the file system's 255 bytes, less a .part suffix)
+            raise BadInput(f"dataset prefix {uri}: the name {name[:80]}... is too long for a local file")
         for i in range(1, len(parts)):
             if (folder := "/".join(parts[:i])) in objects:
                 raise BadInput(f"dataset prefix {uri}: {folder} is an object, and also the folder of {name}")

@@ -135,7 +135,7 @@ def test_minio_endpoint_without_scheme_gets_http():
     ({"STORAGE_BUCKET": "vision platform"}, "STORAGE_BUCKET"),
     ({"STORAGE_BUCKET": "vision-platform/sub"}, "STORAGE_BUCKET"),
     ({"STORAGE_BUCKET": "arn:aws:s3:::x"}, "STORAGE_BUCKET"),
-    ({"STORAGE_TYPE": "s3", "STORAGE_BUCKET": "Upper"}, "STORAGE_BUCKET"),
+    ({"STORAGE_TYPE": "s3", "STORAGE_BUCKET": "has space"}, "STORAGE_BUCKET"),
     ({"STORAGE_TYPE": "r2", "R2_BUCKET": "r2_bucket", "R2_ENDPOINT": "https://a.r2.cloudflarestorage.com",
       "R2_ACCESS_KEY_ID": "a", "R2_SECRET_ACCESS_KEY": "b"}, "R2_BUCKET"),
     ({"MINIO_ENDPOINT": "http://"}, "MINIO_ENDPOINT"),
@@ -150,6 +150,12 @@ def test_bucket_names_and_endpoints_boto3_would_refuse_are_configuration_problem
     crashed with a traceback (exit 1); it is a configuration problem (exit 2) naming the variable."""
     found = problems({**BASE, **env})
     assert len(found) == 1 and found[0].startswith(f"{variable}="), found
+
+
+def test_older_aws_bucket_names_are_taken_for_aws_only():
+    assert load_settings({**BASE, "STORAGE_TYPE": "s3", "STORAGE_BUCKET": "My_Legacy_Bucket"}).storage.bucket == \
+        "My_Legacy_Bucket"  # us-east-1 buckets made before 2018 may have such names; botocore takes them
+    assert problems({**BASE, "STORAGE_BUCKET": "My_Legacy_Bucket"})[0].startswith("STORAGE_BUCKET=")  # MinIO: no
 
 
 def test_r2_endpoint_without_scheme_gets_https():
