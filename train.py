@@ -13,12 +13,12 @@ weights -> start the MLflow run -> train, reporting every epoch -> upload checkp
 -> store the completion marker -> report `completed`. Any failure reports `failed` (or
 `cancelled`) with a redacted message and exits with the contract's code (see README, "Exit codes").
 
-The pieces live one concern per module: config (settings), storage, backend (callbacks),
-datasets, archives, dataset_check, models, tracking (MLflow, through its helper process
-mlflow_worker), reporting (Ultralytics callbacks, the stop signal), checkpoints (checked and uploaded
-in the background), resume,
-validation (the per-epoch bodies), cache (WORK_DIR), evaluation, exports and registry (what people
-deploy, after training).
+The pieces live one concern per module: config (settings), storage, backend (callbacks), logforward
+(warnings and errors to the backend's log panel), datasets, archives, dataset_check, models, tracking
+(MLflow, through its helper process mlflow_worker), reporting (Ultralytics callbacks, the stop
+signal), checkpoints (checked and uploaded in the background), resume, validation (the per-epoch
+bodies), cache (WORK_DIR, the job's lock), evaluation, exports and registry (what people deploy,
+after training).
 """
 
 from __future__ import annotations
@@ -36,13 +36,14 @@ from dotenv import load_dotenv
 
 import cache
 import cli
-from backend import Backend, LogForwarder
+from backend import Backend
 from checkpoints import checkpoint_problem
 from config import Settings, backend_settings, job_dir, load_settings, log_configuration
 from dataset_check import check_dataset_or_fail
 from datasets import download_dataset
 from evaluation import evaluate_after_training
 from exports import export_after_training
+from logforward import LogForwarder
 from models import (
     default_device,
     offline_environment,
@@ -104,8 +105,7 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
     if run.finished:  # a pod started again after the training was over: report it, train nothing
         reporter.send_owed(run.epochs_done)  # (a resumed training sends them as it resumes)
         mark_completed(storage, settings, run.finished)
-        backend.status("completed", 100, **run.finished)
-        stop.phase = "completed"  # reported: a stop from here on still exits 0
+        report_completed(backend, stop, run.finished)
         return
     if run.resume_from:  # what the backend holds already: the progress bar does not go back to 0
         reporter.resume_after(run.epochs_done)
@@ -142,10 +142,15 @@ def train_job(storage: Storage, settings: Settings, backend: Backend, tracker: T
              "training_time_seconds": round(time.monotonic() - started, 1), "exit_code": EXIT_OK, **shipped}
     final = {k: v for k, v in final.items() if v is not None}  # a field not known is left out, never null
     mark_completed(storage, settings, final)  # before the status: a pod started again finds the job done
-    backend.status("completed", 100, **final)
-    stop.phase = "completed"  # a stop from here on cuts MLflow's bookkeeping short; the job still exits 0
+    report_completed(backend, stop, final)  # a stop from here on cuts MLflow's bookkeeping short
     wait_for_run_files(artifacts, artifacts_started, tracker, stop)
     tracker.finish("FINISHED")
+
+
+def report_completed(backend: Backend, stop: StopSignal, fields: dict) -> None:
+    """The final `completed` status; from here on a stop still exits 0 (the watchdog reads the phase)."""
+    backend.status("completed", 100, **fields)
+    stop.phase = "completed"
 
 
 def build_model(settings: Settings, task: str, weights: str, reporter: EpochReporter):
@@ -401,8 +406,7 @@ def main() -> int:
                         settings.job_id, settings.checkpoint_prefix, COMPLETED_MARKER)
             reporter.use_storage(storage)
             reporter.send_owed(finished.get("epochs_completed") or settings.epochs)
-            backend.status("completed", 100, **finished)
-            stop.phase = "completed"  # reported: a stop from here on still exits 0
+            report_completed(backend, stop, finished)
         else:
             train_job(storage, settings, backend, tracker, reporter, stop, started)
         code = EXIT_OK

@@ -231,7 +231,7 @@ def test_error_text_is_redacted_before_it_leaves(receiver, tmp_path):
 def test_the_jobs_warnings_and_errors_reach_the_backends_log_panel_within_a_limit(receiver, tmp_path):
     """The contract's logs route is for warnings and errors too; the callback client's own troubles,
     and a signal handler's records, stay local; past LogForwarder.LIMIT one notice says so."""
-    from backend import LogForwarder
+    from logforward import LogForwarder
 
     backend = client(receiver.url("1"), tmp_path)
     logger = logging.getLogger("trainer.test-forwarder")
